@@ -1,0 +1,1 @@
+"""The batch job: CLI, storage, sharding, leases, workers, checkpoints, merge."""
