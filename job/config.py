@@ -1,0 +1,36 @@
+"""The one configuration object of a run: built by the CLI, passed down unchanged."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `virnucpro run` was asked to do.
+
+    Fields that change results (models, chunk length) are recorded in the run manifest and
+    compared on resume; the rest only steer how the work is done.
+    """
+
+    inputs: tuple[str, ...]
+    output: str
+    esm_model: str
+    dnabert_model: str
+    classifier: str
+    chunk_length: int | None = None  # None: taken from the classifier's name or metadata
+    force_chunk_length: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    batch_tokens: int | None = None  # None: derived from free device memory
+    write_features: bool = False
+    # Batch-job steering (issue 4): sharding, leases, checkpoints, signals, storage.
+    workers: int | None = None  # None: one per visible GPU, else 1
+    slot: int | None = None
+    slots: int | None = None
+    shard_reads: int = 20_000
+    checkpoint_seconds: float = 30.0
+    grace_seconds: float = 25.0
+    lease_seconds: float = 120.0
+    max_attempts: int = 3
+    s3_endpoint_url: str | None = None
+    model_cache: str = field(default="~/.cache/virnucpro/models")
+    imds_url: str = "http://169.254.169.254"

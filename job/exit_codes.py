@@ -1,0 +1,8 @@
+"""Process exit codes of `virnucpro`: the contract with AWS Batch, Kubernetes and entrypoint.sh."""
+
+OK = 0  # finished (also: the run was already finished)
+INTERNAL_ERROR = 1  # a bug or an unexpected failure; the message says what
+USAGE = 2  # bad command line (argparse)
+SHARDS_FAILED = 3  # run completed but some shards failed repeatedly; see _FAILED
+BAD_INPUT = 65  # EX_DATAERR: malformed/missing/changed input, mismatched models or arguments
+INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT or a spot notice; safe to retry
