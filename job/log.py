@@ -1,0 +1,26 @@
+"""structlog JSON lines on stderr: one event per line, context (run_id, shard, worker) bound."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure() -> None:
+    """JSON lines on stderr with an ISO timestamp and the level; call once per process."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**context: object) -> structlog.typing.FilteringBoundLogger:
+    return structlog.get_logger().bind(**context)
