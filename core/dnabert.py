@@ -1,0 +1,540 @@
+"""DNABERT-S nucleotide encoder (SPEC section 3): 768 values per frame, no remote code.
+
+The published VirNucPro loads `zhihan1996/DNABERT-S` with `trust_remote_code`, which runs the
+model repository's `bert_layers.py` (MosaicBERT as adapted by DNABERT-2). We re-implement that
+architecture here so the checkpoint loads as published, without executing downloaded code and
+without Triton:
+
+- embeddings: word + token type (always type 0), LayerNorm; no position embeddings;
+- each layer: fused `Wqkv` self-attention with the symmetric ALiBi bias -slope_h * |i - j|,
+  output dense + post-LayerNorm on the residual, then a gated-linear-unit MLP
+  (`gated_layers` without bias; exact GELU on the first half times the second half; `wo`;
+  post-LayerNorm on the residual);
+- the embedding of a sequence is the mean of the last hidden layer over all its tokens,
+  [CLS] and [SEP] included.
+
+Dropout is omitted: it is the identity at inference. Module attribute names mirror the
+published state dict (`embeddings.*`, `encoder.layer.N.*`), so it loads with strict checking.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from torch import Tensor, nn
+
+from core.errors import ModelLoadError
+from core.packing import pack, segment_mean
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+PYTORCH_FILE = "pytorch_model.bin"
+TOKENIZER_FILE = "tokenizer.json"
+
+CLS_TOKEN = "[CLS]"
+SEP_TOKEN = "[SEP]"
+# Order and ids of DNABERT-2's special tokens ([UNK]=0, [CLS]=1, [SEP]=2, [PAD]=3, [MASK]=4).
+SPECIAL_TOKENS = ("[UNK]", CLS_TOKEN, SEP_TOKEN, "[PAD]", "[MASK]")
+
+# Checkpoint entries that play no part in the embedding: the BertModel pooler (in the
+# DNABERT-S file), the masked-LM head (DNABERT-2 BertForMaskedLM files), and the embeddings'
+# all-zero token_type_ids buffer (non-persistent in the published code; accepted should a
+# re-saved file carry it).
+UNUSED_KEY_PREFIXES = ("pooler.", "cls.")
+UNUSED_BUFFER_KEYS = frozenset({"embeddings.token_type_ids"})
+# Prefix of the encoder's keys when the checkpoint was saved from a wrapper model
+# (e.g. DNABERT-2's BertForMaskedLM); DNABERT-S is saved from BertModel and has none.
+WRAPPER_PREFIX = "bert."
+
+CPU_BATCH_TOKENS = 2048
+GPU_BATCH_TOKENS = 32768
+
+
+@dataclass(frozen=True)
+class DNABERTConfig:
+    """The `config.json` fields that shape the encoder.
+
+    Other fields are ignored because they do not change its output: `hidden_act` (the
+    published GLU always uses exact GELU; the field only drives the masked-LM head),
+    `alibi_starting_size` (the size of a pre-allocated bias table), `position_embedding_type`
+    (reads "absolute", yet the published code has no position embeddings), dropout
+    probabilities and `pad_token_id` (training only).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, object]) -> DNABERTConfig:
+        """Build from a parsed `config.json`; raise ModelLoadError on missing or bad fields."""
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size")
+        missing = [name for name in required if name not in fields]
+        if missing:
+            raise ModelLoadError(f"{CONFIG_FILE} lacks {', '.join(missing)}")
+        try:
+            config = cls(
+                **{name: int(fields[name]) for name in required},
+                type_vocab_size=int(fields.get("type_vocab_size", 2)),
+                layer_norm_eps=float(fields.get("layer_norm_eps", 1e-12)),
+            )
+        except (TypeError, ValueError) as error:
+            raise ModelLoadError(f"{CONFIG_FILE} has a field of the wrong type: {error}") from None
+        if config.hidden_size % config.num_attention_heads:
+            raise ModelLoadError(
+                f"{CONFIG_FILE}: hidden_size {config.hidden_size} is not a multiple of "
+                f"num_attention_heads {config.num_attention_heads}"
+            )
+        return config
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi slope per head, as DNABERT-2 computes them.
+
+    For a power of two n the slopes are r, r^2, ..., r^n with r = 2^(-8/n). Otherwise (12 heads
+    in DNABERT-S) the slopes of the nearest lower power of two are followed by every other
+    slope of the next higher one, until there are n.
+    """
+    if math.log2(num_heads).is_integer():
+        ratio = 2.0 ** (-(2.0 ** -(math.log2(num_heads) - 3)))
+        return [ratio * ratio**i for i in range(num_heads)]
+    lower = 2 ** math.floor(math.log2(num_heads))
+    return alibi_slopes(lower) + alibi_slopes(2 * lower)[0::2][: num_heads - lower]
+
+
+def alibi_bias(slopes: Tensor, length: int) -> Tensor:
+    """The [heads, length, length] additive attention bias -slope_h * |i - j|."""
+    positions = torch.arange(length, device=slopes.device)
+    distance = (positions[None, :] - positions[:, None]).abs()
+    return slopes[:, None, None] * -distance
+
+
+def alibi_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, bias: Tensor) -> Tensor:
+    """Scaled dot-product attention within each packed sequence, plus the ALiBi bias.
+
+    q, k, v: [total_tokens, heads, head_dim] for sequences laid end to end, sequence s at rows
+    cu_seqlens[s]:cu_seqlens[s+1]; bias: [heads, L, L] for L >= the longest sequence (the
+    top-left block serves every shorter one). Returns [total_tokens, heads, head_dim].
+    One dense attention per sequence is the CPU path; a GPU variable-length kernel with an
+    ALiBi bias (FlexAttention, flash-attn varlen) replaces this one function.
+    """
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        length = end - start
+        heads_first = [t[start:end].transpose(0, 1) for t in (q, k, v)]
+        attended = F.scaled_dot_product_attention(*heads_first, attn_mask=bias[:, :length, :length])
+        out[start:end] = attended.transpose(0, 1)
+    return out
+
+
+class Embeddings(nn.Module):
+    """Word plus token-type embedding (type 0 for every token), then LayerNorm."""
+
+    def __init__(self, config: DNABERTConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.LayerNorm(self.word_embeddings(tokens) + self.token_type_embeddings.weight[0])
+
+
+class SelfAttention(nn.Module):
+    """Fused query/key/value projection and ALiBi attention.
+
+    `Wqkv` output columns are [q | k | v], each split into heads of consecutive columns.
+    """
+
+    def __init__(self, config: DNABERTConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+
+    def forward(self, hidden: Tensor, cu_seqlens: Tensor, bias: Tensor) -> Tensor:
+        total, width = hidden.shape
+        q, k, v = self.Wqkv(hidden).view(total, 3, self.num_heads, -1).unbind(dim=1)
+        return alibi_attention(q, k, v, cu_seqlens, bias).reshape(total, width)
+
+
+class AttentionOutput(nn.Module):
+    """Output projection, residual add, post-LayerNorm."""
+
+    def __init__(self, config: DNABERTConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, attended: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dense(attended) + residual)
+
+
+class Attention(nn.Module):
+    """Self-attention block; the attribute `self` is the checkpoint's name for it."""
+
+    def __init__(self, config: DNABERTConfig) -> None:
+        super().__init__()
+        self.self = SelfAttention(config)
+        self.output = AttentionOutput(config)
+
+    def forward(self, hidden: Tensor, cu_seqlens: Tensor, bias: Tensor) -> Tensor:
+        return self.output(self.self(hidden, cu_seqlens, bias), hidden)
+
+
+class GatedMLP(nn.Module):
+    """Gated-linear-unit feed-forward: GELU(first half) * second half, `wo`, post-LayerNorm."""
+
+    def __init__(self, config: DNABERTConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gated_layers = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.wo = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        gated, linear = self.gated_layers(hidden).split(self.intermediate_size, dim=-1)
+        return self.layernorm(self.wo(F.gelu(gated) * linear) + hidden)
+
+
+class Layer(nn.Module):
+    """One transformer layer: attention block then gated MLP."""
+
+    def __init__(self, config: DNABERTConfig) -> None:
+        super().__init__()
+        self.attention = Attention(config)
+        self.mlp = GatedMLP(config)
+
+    def forward(self, hidden: Tensor, cu_seqlens: Tensor, bias: Tensor) -> Tensor:
+        return self.mlp(self.attention(hidden, cu_seqlens, bias))
+
+
+class LayerStack(nn.Module):
+    """The checkpoint's `encoder`: the list of layers."""
+
+    def __init__(self, config: DNABERTConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
+
+
+class DNABERTModel(nn.Module):
+    """DNABERT-2 / DNABERT-S encoder over packed sequences; returns the last hidden layer."""
+
+    def __init__(self, config: DNABERTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.encoder = LayerStack(config)
+        slopes = torch.tensor(alibi_slopes(config.num_attention_heads), dtype=torch.float32)
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
+
+    def forward(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """tokens: [total] int64, sequences end to end; returns [total, hidden_size]."""
+        bias = alibi_bias(self.alibi_slopes, max_seqlen).to(self.embeddings.LayerNorm.weight.dtype)
+        hidden = self.embeddings(tokens)
+        for layer in self.encoder.layer:
+            hidden = layer(hidden, cu_seqlens, bias)
+        return hidden
+
+
+def load_published_state_dict(model: DNABERTModel, state_dict: Mapping[str, Tensor]) -> None:
+    """Load a checkpoint with the published parameter names, strictly.
+
+    Accepts the DNABERT-S layout (BertModel keys: `embeddings.*`, `encoder.*`, `pooler.*`)
+    and a `bert.`-prefixed one; unused entries (pooler, MLM head, serialised buffers) are
+    dropped. Any other missing, unexpected or misshapen entry raises ModelLoadError.
+    """
+    wrapped = any(key.startswith(WRAPPER_PREFIX) for key in state_dict)
+    used: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if wrapped and key.startswith(WRAPPER_PREFIX):
+            key = key[len(WRAPPER_PREFIX):]
+        if key.startswith(UNUSED_KEY_PREFIXES) or key in UNUSED_BUFFER_KEYS:
+            continue
+        used[key] = value
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - used.keys())
+    unexpected = sorted(used.keys() - expected.keys())
+    if missing or unexpected:
+        raise ModelLoadError(
+            "DNABERT checkpoint does not match the DNABERT-2/DNABERT-S layout: "
+            f"missing {_listing(missing)}; unexpected {_listing(unexpected)}"
+        )
+    misshapen = [
+        f"{key} {tuple(used[key].shape)} (config implies {tuple(expected[key].shape)})"
+        for key in sorted(expected)
+        if used[key].shape != expected[key].shape
+    ]
+    if misshapen:
+        raise ModelLoadError(f"DNABERT checkpoint shapes do not match {CONFIG_FILE}: "
+                             f"{_listing(misshapen)}")
+    model.load_state_dict(used, strict=True)
+
+
+def _listing(items: Sequence[str], limit: int = 8) -> str:
+    """Up to `limit` items for an error message, with a count of the rest."""
+    if not items:
+        return "none"
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
+
+
+class DNATokenizer:
+    """The model's own `tokenizer.json`, special tokens [CLS] ... [SEP] added, no truncation.
+
+    The published tokenizer adds them through its TemplateProcessing post-processor, as the
+    Hugging Face tokenizer does; a tokenizer.json without a post-processor gets them by id.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        cls_id = tokenizer.token_to_id(CLS_TOKEN)
+        sep_id = tokenizer.token_to_id(SEP_TOKEN)
+        if cls_id is None or sep_id is None:
+            raise ModelLoadError(f"{TOKENIZER_FILE} has no {CLS_TOKEN} or {SEP_TOKEN} token")
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self._tokenizer = tokenizer
+        self.cls_id = cls_id
+        self.sep_id = sep_id
+        self._adds_specials = tokenizer.post_processor is not None
+        probe = self.encode("ACGT")
+        if probe[0] != cls_id or probe[-1] != sep_id:
+            raise ModelLoadError(
+                f"{TOKENIZER_FILE}: its post-processor does not add {CLS_TOKEN} ... {SEP_TOKEN}"
+            )
+
+    @classmethod
+    def from_file(cls, path: Path) -> DNATokenizer:
+        """Read a `tokenizer.json`; raise ModelLoadError when it cannot be parsed."""
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # the tokenizers library raises plain Exception
+            raise ModelLoadError(f"cannot read {path}: {error}") from None
+        return cls(tokenizer)
+
+    def encode(self, sequence: str) -> list[int]:
+        """Token ids of one sequence, [CLS] first and [SEP] last."""
+        ids = self._tokenizer.encode(sequence).ids
+        return ids if self._adds_specials else [self.cls_id, *ids, self.sep_id]
+
+
+class DNABERTEncoder:
+    """Tokenizes, packs under a token budget, runs DNABERT, and mean-pools per sequence."""
+
+    def __init__(self, model: DNABERTModel, tokenizer: DNATokenizer, device: torch.device,
+                 batch_tokens: int) -> None:
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batch_tokens = batch_tokens
+
+    @property
+    def dim(self) -> int:
+        """Embedding width: 768 for DNABERT-S."""
+        return self.model.config.hidden_size
+
+    def embed(self, sequences: Sequence[str]) -> Tensor:
+        """[n, dim] float32 CPU embeddings in input order: mean over all tokens of each."""
+        token_lists = [self.tokenizer.encode(sequence) for sequence in sequences]
+        embeddings = torch.empty(len(token_lists), self.dim, dtype=torch.float32)
+        with torch.inference_mode():
+            for batch in pack(token_lists, self.batch_tokens):
+                cu_seqlens = batch.cu_seqlens.to(self.device)
+                hidden = self.model(batch.tokens.to(self.device), cu_seqlens, batch.max_seqlen)
+                pooled = segment_mean(hidden, cu_seqlens)
+                embeddings[batch.order] = pooled.to(device="cpu", dtype=torch.float32)
+        return embeddings
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Tokens per packed batch when the caller gives none: small on CPU."""
+    return GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS
+
+
+def load_dnabert(source: str, device: torch.device,
+                 batch_tokens: int | None = None) -> DNABERTEncoder:
+    """Load DNABERT-S from a local Hugging Face model directory or a cached hub id.
+
+    The directory holds `config.json`, `model.safetensors` or `pytorch_model.bin` (read
+    with weights_only) and `tokenizer.json`. Raises ModelLoadError with a plain message
+    when any of it is missing or does not match.
+    """
+    directory = resolve_model_dir(source)
+    config = DNABERTConfig.from_dict(_read_json(directory / CONFIG_FILE))
+    model = DNABERTModel(config)
+    load_published_state_dict(model, _read_weights(directory))
+    tokenizer = DNATokenizer.from_file(_require_file(directory / TOKENIZER_FILE))
+    if batch_tokens is None:
+        batch_tokens = default_batch_tokens(device)
+    return DNABERTEncoder(model, tokenizer, device, batch_tokens)
+
+
+def resolve_model_dir(source: str) -> Path:
+    """A local directory as is; a hub id (`owner/name`) from the local Hugging Face cache only."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelLoadError(f"DNABERT model directory {source} does not exist")
+    advice = (
+        f"DNABERT model {source!r} is not a local directory and is not in the local Hugging "
+        f"Face cache; download it (for example `huggingface-cli download {source} "
+        f"--local-dir DIR`) and pass DIR instead"
+    )
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelLoadError(advice) from None
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except (OSError, ValueError):
+        raise ModelLoadError(advice) from None
+
+
+def _require_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: a DNABERT model directory needs {path.name}")
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(_require_file(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{path} is not valid JSON: {error}") from None
+
+
+def _read_weights(directory: Path) -> dict[str, Tensor]:
+    """Tensors from model.safetensors if present, else pytorch_model.bin without unpickling code."""
+    safetensors_path = directory / SAFETENSORS_FILE
+    pytorch_path = directory / PYTORCH_FILE
+    try:
+        if safetensors_path.is_file():
+            return load_safetensors(str(safetensors_path))
+        if pytorch_path.is_file():
+            state_dict = torch.load(pytorch_path, map_location="cpu", weights_only=True)
+            if not isinstance(state_dict, Mapping):
+                raise ModelLoadError(f"{pytorch_path} does not hold a state dict")
+            return dict(state_dict)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # torch and safetensors raise several unrelated types
+        raise ModelLoadError(f"cannot read DNABERT weights in {directory}: {error}") from None
+    raise ModelLoadError(f"{directory} holds neither {SAFETENSORS_FILE} nor {PYTORCH_FILE}")
+
+
+def write_demo_model(directory: str | Path, *, layers: int = 2, hidden: int = 64, heads: int = 4,
+                     intermediate: int = 128, vocab: int = 256, seed: int = 0,
+                     safetensors: bool = False) -> Path:
+    """Write a tiny random DNABERT-S look-alike in the published layout, for tests and demos.
+
+    config.json with the published field names, weights with the published parameter names
+    (pooler included) in pytorch_model.bin (or model.safetensors), and a BPE tokenizer.json
+    trained on random DNA with DNABERT-2's special tokens and [CLS] $A [SEP] post-processor.
+    All weights are random, LayerNorm included, so tests see every parameter's effect.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_demo_tokenizer(vocab, seed)
+    tokenizer.save(str(directory / TOKENIZER_FILE))
+    config = DNABERTConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden,
+                           num_hidden_layers=layers, num_attention_heads=heads,
+                           intermediate_size=intermediate)
+    (directory / CONFIG_FILE).write_text(json.dumps(_published_config_fields(config), indent=2))
+    state_dict = _random_state_dict(config, seed)
+    if safetensors:
+        save_safetensors(state_dict, str(directory / SAFETENSORS_FILE))
+    else:
+        torch.save(state_dict, directory / PYTORCH_FILE)
+    return directory
+
+
+def _train_demo_tokenizer(vocab: int, seed: int) -> Tokenizer:
+    rng = random.Random(seed)
+    corpus = ["".join(rng.choice("ACGT") for _ in range(300)) for _ in range(300)]
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=list("ACGTN"), show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{CLS_TOKEN} $A {SEP_TOKEN}",
+        pair=f"{CLS_TOKEN} $A {SEP_TOKEN} $B:1 {SEP_TOKEN}:1",
+        special_tokens=[(token, tokenizer.token_to_id(token)) for token in (CLS_TOKEN, SEP_TOKEN)],
+    )
+    return tokenizer
+
+
+def _published_config_fields(config: DNABERTConfig) -> dict[str, object]:
+    """The field set of the published DNABERT-S config.json, with this model's sizes."""
+    return {
+        "_name_or_path": "zhihan1996/DNABERT-2-117M",
+        "alibi_starting_size": 512,
+        "architectures": ["BertModel"],
+        "attention_probs_dropout_prob": 0.0,
+        "auto_map": {
+            "AutoConfig": "configuration_bert.BertConfig",
+            "AutoModel": "bert_layers.BertModel",
+            "AutoModelForMaskedLM": "bert_layers.BertForMaskedLM",
+            "AutoModelForSequenceClassification": "bert_layers.BertForSequenceClassification",
+        },
+        "classifier_dropout": None,
+        "gradient_checkpointing": False,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": config.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": config.intermediate_size,
+        "layer_norm_eps": config.layer_norm_eps,
+        "max_position_embeddings": 512,
+        "model_type": "bert",
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "pad_token_id": 0,
+        "position_embedding_type": "absolute",
+        "torch_dtype": "float32",
+        "transformers_version": "4.28.0",
+        "type_vocab_size": config.type_vocab_size,
+        "use_cache": True,
+        "vocab_size": config.vocab_size,
+    }
+
+
+def _random_state_dict(config: DNABERTConfig, seed: int) -> dict[str, Tensor]:
+    """Random weights under the published names, plus the pooler the published file carries."""
+    generator = torch.Generator().manual_seed(seed)
+    layout = DNABERTModel(config).state_dict()
+    names_and_shapes = {name: tuple(tensor.shape) for name, tensor in layout.items()}
+    names_and_shapes["pooler.dense.weight"] = (config.hidden_size, config.hidden_size)
+    names_and_shapes["pooler.dense.bias"] = (config.hidden_size,)
+    state_dict = {}
+    for name, shape in sorted(names_and_shapes.items()):
+        noise = torch.randn(shape, generator=generator)
+        is_layer_norm = "layernorm" in name.lower()
+        if is_layer_norm and name.endswith(".weight"):
+            state_dict[name] = 1.0 + 0.1 * noise
+        elif is_layer_norm or name.endswith(".bias"):
+            state_dict[name] = 0.1 * noise
+        elif name.startswith("embeddings."):
+            state_dict[name] = noise
+        else:
+            state_dict[name] = noise / math.sqrt(shape[-1])
+    return state_dict

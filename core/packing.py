@@ -1,0 +1,144 @@
+"""Sequence packing: many variable-length sequences in one flat batch, without padding.
+
+Encoders run on a `PackedBatch`: every token of every sequence in one 1-D tensor, with
+`cu_seqlens` marking where each sequence starts and ends (the layout varlen attention
+kernels take). `pack` fills batches up to a token budget, first-fit-decreasing, so that
+batches are nearly full whatever the mix of lengths; `segment_mean` pools the encoder's
+output back to one vector per sequence.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PackedBatch:
+    """Sequences laid end to end.
+
+    Sequence i owns rows cu_seqlens[i] : cu_seqlens[i+1] of `tokens` and `positions`,
+    and is the caller's sequence number order[i].
+    """
+
+    tokens: Tensor  # int64 [total]
+    cu_seqlens: Tensor  # int32 [n + 1], cu_seqlens[0] == 0, cu_seqlens[-1] == total
+    positions: Tensor  # int64 [total], 0 at the first token of every sequence
+    max_seqlen: int
+    order: list[int]
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
+        return PackedBatch(
+            tokens=self.tokens.to(device, non_blocking=non_blocking),
+            cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking),
+            positions=self.positions.to(device, non_blocking=non_blocking),
+            max_seqlen=self.max_seqlen,
+            order=self.order,
+        )
+
+
+def pack(token_lists: Sequence[Sequence[int]] | Sequence[Tensor], budget_tokens: int) -> list[PackedBatch]:
+    """Pack sequences into batches of at most `budget_tokens` tokens, first-fit-decreasing.
+
+    Sequences are taken longest first (ties in input order) and each goes into the first
+    batch with room for it; a sequence longer than the budget gets a batch of its own.
+    The result depends only on the lengths and the budget, never on timing or hashing.
+    """
+    if budget_tokens < 1:
+        raise ValueError(f"budget_tokens must be positive, got {budget_tokens}")
+    lengths = [len(tokens) for tokens in token_lists]
+    if any(length == 0 for length in lengths):
+        raise ValueError("cannot pack an empty sequence")
+    longest_first = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins = _first_fit([lengths[i] for i in longest_first], budget_tokens)
+    return [_build_batch(token_lists, [longest_first[j] for j in members]) for members in bins]
+
+
+def _first_fit(sizes: list[int], capacity: int) -> list[list[int]]:
+    """First-fit bin packing in O(n log n): item j goes into the lowest-numbered bin with room.
+
+    A max-tree over every bin's free space (unopened bins count as empty, so the first of
+    them is found after all open bins) finds that bin by walking down from the root.
+    """
+    leaves = 1
+    while leaves < max(len(sizes), 1):
+        leaves *= 2
+    free = [0] * leaves + [capacity] * leaves  # free[leaves + b]: room left in bin b
+    for node in range(leaves - 1, 0, -1):
+        free[node] = max(free[2 * node], free[2 * node + 1])
+    bins: list[list[int]] = []
+    for item, size in enumerate(sizes):
+        if free[1] >= size:
+            node = 1
+            while node < leaves:
+                node = 2 * node if free[2 * node] >= size else 2 * node + 1
+            room = free[node] - size
+        else:  # longer than the budget: alone in the next unopened bin
+            node, room = leaves + len(bins), 0
+        b = node - leaves
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(item)
+        free[node] = room
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return bins
+
+
+def _build_batch(token_lists: Sequence[Sequence[int]] | Sequence[Tensor], order: list[int]) -> PackedBatch:
+    pieces = [torch.as_tensor(token_lists[i], dtype=torch.int64).reshape(-1) for i in order]
+    lengths = torch.tensor([len(piece) for piece in pieces], dtype=torch.int64)
+    cu_seqlens = torch.zeros(len(pieces) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    starts = cu_seqlens[:-1].to(torch.int64).repeat_interleave(lengths)
+    return PackedBatch(
+        tokens=torch.cat(pieces),
+        cu_seqlens=cu_seqlens,
+        positions=torch.arange(len(starts), dtype=torch.int64) - starts,
+        max_seqlen=int(lengths.max()),
+        order=order,
+    )
+
+
+def segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
+    """For every packed row, the number of the sequence it belongs to (int64 [total])."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    sequences = torch.arange(len(lengths), device=cu_seqlens.device)
+    return sequences.repeat_interleave(lengths, output_size=total)
+
+
+def segment_mean(
+    hidden: Tensor,
+    cu_seqlens: Tensor,
+    start_offset: int = 0,
+    end_offset: int = 0,
+    max_len: int | None = None,
+) -> Tensor:
+    """Mean of each packed sequence's rows, float32 [n, d], computed on hidden's device.
+
+    For a sequence occupying rows [start, end) the mean is over rows
+    [start + start_offset, min(end - end_offset, start + start_offset + max_len)):
+    start_offset=1, end_offset=1 drops a leading <cls> and trailing <eos>, and max_len
+    caps how many rows count (ESM-2's published pooling stops after 1024 residues).
+    Defaults pool every row. Sums accumulate in float32 whatever hidden's dtype is.
+    """
+    total, width = hidden.shape
+    starts = cu_seqlens[:-1].to(torch.int64)
+    lows = starts + start_offset
+    highs = cu_seqlens[1:].to(torch.int64) - end_offset
+    if max_len is not None:
+        highs = torch.minimum(highs, lows + max_len)
+    counts = highs - lows
+    if bool((counts <= 0).any()):
+        raise ValueError("a sequence has no rows left to pool after the offsets")
+    owner = segment_ids(cu_seqlens, total)
+    rows = torch.arange(total, device=hidden.device)
+    pooled = (rows >= lows[owner]) & (rows < highs[owner])
+    values = torch.where(pooled[:, None], hidden.float(), 0.0)
+    sums = torch.zeros(len(counts), width, dtype=torch.float32, device=hidden.device)
+    sums.index_add_(0, owner, values)
+    return sums / counts[:, None].to(torch.float32)
