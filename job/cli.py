@@ -6,8 +6,9 @@ core.pipeline.Predictor -> core.frames, core.dnabert, core.esm2, core.classifier
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from core.errors import ModelLoadError
@@ -46,18 +47,40 @@ def _parser() -> argparse.ArgumentParser:
     translate.add_argument("--out-dir", required=True, help="writes chunked.fa, identified_nucleotide.fa, identified_protein.faa")
     translate.set_defaults(handler=_translate)
 
-    run = commands.add_parser("run", help="predict: FASTA in, prediction tables out")
-    run.add_argument("--input", nargs="+", required=True, help="FASTA file(s), plain or gzip")
-    run.add_argument("--output", required=True, help="output directory")
-    run.add_argument("--esm-model", required=True, help="fair-esm checkpoint file or model name")
-    run.add_argument("--dnabert-model", required=True, help="DNABERT-S Hugging Face directory or hub id")
-    run.add_argument("--classifier", required=True, help="published .pth or converted .safetensors")
+    run = commands.add_parser(
+        "run", help="predict as a resumable batch job: FASTA in, prediction tables out",
+        description="Spot-safe batch run. The same command resumes an interrupted run, splits the "
+        "work when started on several machines, and reports a finished run.",
+    )
+    run.add_argument("--input", nargs="+", required=True, help="FASTA files, directories or s3:// objects/prefixes (plain or gzip)")
+    run.add_argument("--output", required=True, help="output directory or s3://bucket/prefix (holds the run's state too)")
+    run.add_argument("--esm-model", required=True, help="fair-esm checkpoint file (or s3:// URI) or model name")
+    run.add_argument("--dnabert-model", required=True, help="DNABERT-S Hugging Face directory (or s3:// prefix) or hub id")
+    run.add_argument("--classifier", required=True, help="published .pth or converted .safetensors (or s3:// URI)")
     run.add_argument("--chunk-length", type=int, choices=(300, 500), help="default: the classifier's")
     run.add_argument("--force-chunk-length", action="store_true", help="allow a chunk length the classifier was not trained for")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--batch-tokens", type=int, help="tokens per packed batch (default: from free memory)")
     run.add_argument("--write-features", action="store_true", help="also write features.h5")
-    run.set_defaults(handler=_run)
+    batch = run.add_argument_group("batch job")
+    batch.add_argument("--workers", type=int, help="worker processes (default: one per visible GPU, else 1)")
+    batch.add_argument("--slot", type=int, help="this machine's slot (default: AWS_BATCH_JOB_ARRAY_INDEX or JOB_COMPLETION_INDEX)")
+    batch.add_argument("--slots", type=int, help="number of slots (default: AWS_BATCH_JOB_ARRAY_SIZE)")
+    batch.add_argument("--shard-reads", type=int, default=RunConfig.shard_reads, help="reads per shard (default: %(default)s)")
+    batch.add_argument("--checkpoint-seconds", type=float, default=RunConfig.checkpoint_seconds, help="commit results at least this often (default: %(default)s)")
+    batch.add_argument("--grace-seconds", type=float, default=RunConfig.grace_seconds, help="time to stop after SIGTERM (default: %(default)s)")
+    batch.add_argument("--lease-seconds", type=float, default=RunConfig.lease_seconds, help="a shard's lease lasts this long unless renewed (default: %(default)s)")
+    batch.add_argument("--max-attempts", type=int, default=RunConfig.max_attempts, help="failed attempts before a shard is given up (default: %(default)s)")
+    batch.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    batch.add_argument("--model-cache", default=RunConfig.model_cache, help="where s3:// models are downloaded (default: %(default)s)")
+    batch.add_argument("--imds-url", default=RunConfig.imds_url, help="EC2 metadata service polled for spot notices (default: %(default)s)")
+    run.set_defaults(handler=_run, parser=run)
+
+    status = commands.add_parser("status", help="progress of a batch run: shards, reads/s, ETA")
+    status.add_argument("--output", required=True, help="the run's --output")
+    status.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(handler=_status)
 
     demo = commands.add_parser("make-demo-models", help="write tiny random models in the real formats")
     demo.add_argument("directory")
@@ -99,8 +122,9 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from job.local_run import run_local
+    from job.batch import run_batch
 
+    slot, slots = _slot(args, os.environ)
     config = RunConfig(
         inputs=tuple(args.input),
         output=args.output,
@@ -112,8 +136,53 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_tokens=args.batch_tokens,
         write_features=args.write_features,
+        workers=args.workers,
+        slot=slot,
+        slots=slots,
+        shard_reads=args.shard_reads,
+        checkpoint_seconds=args.checkpoint_seconds,
+        grace_seconds=args.grace_seconds,
+        lease_seconds=args.lease_seconds,
+        max_attempts=args.max_attempts,
+        s3_endpoint_url=args.s3_endpoint_url,
+        model_cache=args.model_cache,
+        imds_url=args.imds_url,
     )
-    run_local(config)
+    return run_batch(config)
+
+
+def _slot(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """This machine's slot among `slots`: --slot/--slots, else AWS Batch array, else Kubernetes index."""
+    slots = args.slots if args.slots is not None else _int_env(environ, "AWS_BATCH_JOB_ARRAY_SIZE")
+    slot = args.slot
+    for name in ("AWS_BATCH_JOB_ARRAY_INDEX", "JOB_COMPLETION_INDEX"):
+        if slot is None:
+            slot = _int_env(environ, name)
+    if slots is None:
+        if args.slot is not None:
+            args.parser.error("--slot needs --slots (or AWS_BATCH_JOB_ARRAY_SIZE)")
+        return None, None
+    if slots < 1 or not 0 <= (slot or 0) < slots:
+        args.parser.error(f"slot {slot} is not within --slots {slots}")
+    return slot or 0, slots
+
+
+def _int_env(environ: Mapping[str, str], name: str) -> int | None:
+    value = environ.get(name, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from job.status import run_status
+    from job.store import open_store
+
+    status = run_status(open_store(args.output, args.s3_endpoint_url))
+    if status is None:
+        print(f"virnucpro: error: no run under {args.output} (no plan yet); check the URI", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    print(json.dumps(status.as_dict(), indent=2) if args.json else status.line())
     return exit_codes.OK
 
 
@@ -124,11 +193,12 @@ def _make_demo_models(args: argparse.Namespace) -> int:
 
     out = Path(args.directory)
     out.mkdir(parents=True, exist_ok=True)
-    esm_dim = write_demo_checkpoint(out / "esm2_demo.pt")
-    dna_dim = write_demo_model(out / "dnabert_demo")
+    esm_dim, dna_dim = 64, 64
+    write_demo_checkpoint(out / "esm2_demo.pt", num_layers=2, embed_dim=esm_dim, heads=4)
+    write_demo_model(out / "dnabert_demo", layers=2, hidden=dna_dim, heads=4)
     write_demo_classifier(
         out / "classifier_500.pth", out / "classifier_500.safetensors",
-        input_dim=dna_dim + esm_dim, chunk_length=500,
+        input_dim=dna_dim + esm_dim, hidden_dim=32, chunk_length=500,
     )
     get_logger().info("demo_models_written", directory=str(out), warning="random weights: scores are meaningless")
     return exit_codes.OK
