@@ -1,0 +1,93 @@
+"""The container and cloud files agree with the job's contract (exit codes, grace period,
+environment). Their syntax and schemas are checked by .ci/lint; this is what lint cannot see."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from job import exit_codes
+from job.config import RunConfig
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parent.parent
+CREDENTIAL_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+
+
+def entrypoint_required_variables() -> set[str]:
+    return set(re.findall(r"^require (\w+)", (ROOT / "entrypoint.sh").read_text(), re.MULTILINE))
+
+
+@pytest.fixture(scope="module")
+def job() -> dict:
+    return yaml.safe_load((ROOT / "infra/k8s/indexed-job.yaml").read_text())
+
+
+def test_indexed_job_slots_match_completions_and_parallelism(job: dict) -> None:
+    spec = job["spec"]
+    args = spec["template"]["spec"]["containers"][0]["args"]
+    slots = int(args[args.index("--slots") + 1])
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == slots
+
+
+def test_indexed_job_failure_policy_follows_exit_codes(job: dict) -> None:
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]["name"]
+    rules = spec["podFailurePolicy"]["rules"]
+    by_code = {}
+    for rule in rules:
+        if "onExitCodes" in rule:
+            assert rule["onExitCodes"]["containerName"] == container
+            assert rule["onExitCodes"]["operator"] == "In"
+            by_code.update(dict.fromkeys(rule["onExitCodes"]["values"], rule["action"]))
+    assert by_code == {
+        exit_codes.USAGE: "FailJob",
+        exit_codes.BAD_INPUT: "FailJob",
+        exit_codes.INTERRUPTED: "Ignore",
+    }
+    assert rules[0] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    assert pod["restartPolicy"] == "Never"
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert pod["terminationGracePeriodSeconds"] > RunConfig.grace_seconds
+
+
+def test_indexed_job_environment_and_identity(job: dict) -> None:
+    pod = job["spec"]["template"]["spec"]
+    env = {item["name"] for item in pod["containers"][0]["env"]}
+    assert entrypoint_required_variables() <= env
+    assert not env & CREDENTIAL_VARIABLES, "credentials come from IRSA, never from the manifest"
+    account = yaml.safe_load((ROOT / "infra/k8s/serviceaccount.yaml").read_text())
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"]
+
+
+def test_image_runs_entrypoint_under_tini_as_the_manifest_user(job: dict) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    entrypoints = re.findall(r"^ENTRYPOINT (.+)$", dockerfile, re.MULTILINE)
+    assert [json.loads(e) for e in entrypoints] == [["tini", "--", "/app/entrypoint.sh"]]
+    users = set(re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE))
+    context = job["spec"]["template"]["spec"]["securityContext"]
+    assert users == {(str(context["runAsUser"]), str(context["runAsGroup"]))}
+
+
+def test_batch_job_definition_retries_interruptions_only() -> None:
+    job_tf = (ROOT / "infra/terraform/aws-batch/job.tf").read_text()
+    rules = re.findall(r"evaluate_on_exit \{\s*(\w+)\s*=\s*\"([^\"]*)\"\s*action\s*=\s*\"(\w+)\"", job_tf)
+    assert rules == [
+        ("on_status_reason", "Host EC2*", "RETRY"),
+        ("on_exit_code", str(exit_codes.INTERRUPTED), "RETRY"),
+        ("on_reason", "*", "EXIT"),
+    ]
+    block = re.search(r"job_environment = \{\n(.*?)\n  \}", job_tf, re.DOTALL)
+    environment = set(re.findall(r"^\s+([A-Z_]+)\s+=", block.group(1), re.MULTILINE))
+    assert not environment & CREDENTIAL_VARIABLES
+    # The job definition supplies the models; each submission adds INPUT_URI and OUTPUT_URI.
+    assert entrypoint_required_variables() - environment == {"INPUT_URI", "OUTPUT_URI"}
