@@ -24,8 +24,10 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
@@ -33,8 +35,11 @@ from safetensors.torch import save_file as save_safetensors
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from torch import Tensor, nn
 
+from core import attention as attention_module
+from core.attention import Attention as AttentionBackend
+from core.attention import Segments
 from core.errors import ModelLoadError
-from core.packing import pack, segment_mean
+from core.packing import auto_batch_tokens, segment_mean
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -56,8 +61,7 @@ UNUSED_BUFFER_KEYS = frozenset({"embeddings.token_type_ids"})
 # (e.g. DNABERT-2's BertForMaskedLM); DNABERT-S is saved from BertModel and has none.
 WRAPPER_PREFIX = "bert."
 
-CPU_BATCH_TOKENS = 2048
-GPU_BATCH_TOKENS = 32768
+CPU_BATCH_TOKENS = 2048  # on the GPU the budget comes from free memory (DNABERTEncoder)
 
 
 @dataclass(frozen=True)
@@ -124,17 +128,19 @@ def alibi_bias(slopes: Tensor, length: int) -> Tensor:
     return slopes[:, None, None] * -distance
 
 
-def alibi_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, bias: Tensor) -> Tensor:
+def alibi_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, bias: Tensor,
+                    bounds: list[int] | None = None) -> Tensor:
     """Scaled dot-product attention within each packed sequence, plus the ALiBi bias.
 
     q, k, v: [total_tokens, heads, head_dim] for sequences laid end to end, sequence s at rows
     cu_seqlens[s]:cu_seqlens[s+1]; bias: [heads, L, L] for L >= the longest sequence (the
     top-left block serves every shorter one). Returns [total_tokens, heads, head_dim].
     One dense attention per sequence is the CPU path; a GPU variable-length kernel with an
-    ALiBi bias (FlexAttention, flash-attn varlen) replaces this one function.
+    ALiBi bias (FlexAttention, flash-attn varlen; see core.attention and `FastDNABERT`)
+    replaces this one function. `bounds` are cu_seqlens as host ints, read once per batch.
     """
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
+    bounds = cu_seqlens.tolist() if bounds is None else bounds
     for start, end in zip(bounds[:-1], bounds[1:]):
         length = end - start
         heads_first = [t[start:end].transpose(0, 1) for t in (q, k, v)]
@@ -167,10 +173,10 @@ class SelfAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
 
-    def forward(self, hidden: Tensor, cu_seqlens: Tensor, bias: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, cu_seqlens: Tensor, bias: Tensor, bounds: list[int] | None = None) -> Tensor:
         total, width = hidden.shape
         q, k, v = self.Wqkv(hidden).view(total, 3, self.num_heads, -1).unbind(dim=1)
-        return alibi_attention(q, k, v, cu_seqlens, bias).reshape(total, width)
+        return alibi_attention(q, k, v, cu_seqlens, bias, bounds).reshape(total, width)
 
 
 class AttentionOutput(nn.Module):
@@ -193,8 +199,8 @@ class Attention(nn.Module):
         self.self = SelfAttention(config)
         self.output = AttentionOutput(config)
 
-    def forward(self, hidden: Tensor, cu_seqlens: Tensor, bias: Tensor) -> Tensor:
-        return self.output(self.self(hidden, cu_seqlens, bias), hidden)
+    def forward(self, hidden: Tensor, cu_seqlens: Tensor, bias: Tensor, bounds: list[int] | None = None) -> Tensor:
+        return self.output(self.self(hidden, cu_seqlens, bias, bounds), hidden)
 
 
 class GatedMLP(nn.Module):
@@ -220,8 +226,8 @@ class Layer(nn.Module):
         self.attention = Attention(config)
         self.mlp = GatedMLP(config)
 
-    def forward(self, hidden: Tensor, cu_seqlens: Tensor, bias: Tensor) -> Tensor:
-        return self.mlp(self.attention(hidden, cu_seqlens, bias))
+    def forward(self, hidden: Tensor, cu_seqlens: Tensor, bias: Tensor, bounds: list[int] | None = None) -> Tensor:
+        return self.mlp(self.attention(hidden, cu_seqlens, bias, bounds))
 
 
 class LayerStack(nn.Module):
@@ -243,12 +249,14 @@ class DNABERTModel(nn.Module):
         slopes = torch.tensor(alibi_slopes(config.num_attention_heads), dtype=torch.float32)
         self.register_buffer("alibi_slopes", slopes, persistent=False)
 
-    def forward(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    def forward(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                bounds: list[int] | None = None) -> Tensor:
         """tokens: [total] int64, sequences end to end; returns [total, hidden_size]."""
         bias = alibi_bias(self.alibi_slopes, max_seqlen).to(self.embeddings.LayerNorm.weight.dtype)
+        bounds = cu_seqlens.tolist() if bounds is None else bounds  # once per batch, not per layer
         hidden = self.embeddings(tokens)
         for layer in self.encoder.layer:
-            hidden = layer(hidden, cu_seqlens, bias)
+            hidden = layer(hidden, cu_seqlens, bias, bounds)
         return hidden
 
 
@@ -332,17 +340,126 @@ class DNATokenizer:
         ids = self._tokenizer.encode(sequence).ids
         return ids if self._adds_specials else [self.cls_id, *ids, self.sep_id]
 
+    def encode_many(self, sequences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of every sequence (as `encode` gives them) laid end to end, and the lengths.
+
+        One `encode_batch` call: the tokenizers library runs it in parallel without the GIL.
+        """
+        if not sequences:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        encoded = [e.ids for e in self._tokenizer.encode_batch(list(sequences))]
+        if not self._adds_specials:
+            encoded = [[self.cls_id, *ids, self.sep_id] for ids in encoded]
+        lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+        flat = np.fromiter(chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum()))
+        return flat, lengths
+
+
+DNA_MAX_BATCH_TOKENS = 65536
+DNA_BYTES_PER_TOKEN_PER_DIM = 64  # peak activation bytes per packed token, per unit of hidden size
+
+
+def _dna_project(x: Tensor, w_qkv: Tensor, b_qkv: Tensor, heads: int, heads_first: bool):
+    """Fused Wqkv projection, split into q, k, v in the attention backend's layout."""
+    total, width = x.shape
+    qkv = F.linear(x, w_qkv, b_qkv).view(total, 3, heads, width // heads)
+    if heads_first:
+        return tuple(qkv[:, i].transpose(0, 1).contiguous() for i in range(3))
+    return tuple(qkv[:, i].contiguous() for i in range(3))
+
+
+def _dna_rest(x: Tensor, attended: Tensor, heads_first: bool, w_d: Tensor, b_d: Tensor,
+              ln1_w: Tensor, ln1_b: Tensor, w_g: Tensor, w_o: Tensor, b_o: Tensor,
+              ln2_w: Tensor, ln2_b: Tensor, eps: float, intermediate: int) -> Tensor:
+    """Attention output + post-LayerNorm, then the gated-linear-unit MLP + post-LayerNorm."""
+    total, width = x.shape
+    if heads_first:
+        attended = attended.transpose(0, 1)
+    x = F.layer_norm(F.linear(attended.reshape(total, width), w_d, b_d) + x, (width,), ln1_w, ln1_b, eps)
+    gated, linear = F.linear(x, w_g).split(intermediate, dim=-1)
+    return F.layer_norm(F.linear(F.gelu(gated) * linear, w_o, b_o) + x, (width,), ln2_w, ln2_b, eps)
+
+
+class FastDNABERT:
+    """DNABERT-S inference on packed batches for the GPU: weights in `dtype` (fp16 on CUDA),
+    LayerNorm statistics in float32, an ALiBi varlen attention backend (FlexAttention with a
+    block-sparse document mask, or flash-attn), pooling in float32, no host-device sync.
+    Converts the loaded `DNABERTModel` in place (same parameter names)."""
+
+    def __init__(self, model: DNABERTModel, dtype: torch.dtype) -> None:
+        from core.esm2 import MaybeCompiled
+
+        model.eval().requires_grad_(False)
+        model.to(dtype)
+        self.model, self.dtype = model, dtype
+        self.slopes = model.alibi_slopes.float()
+        config = model.config
+        self.heads, self.intermediate = config.num_attention_heads, config.intermediate_size
+        self.layers = []
+        for layer in model.encoder.layer:
+            attn, mlp = layer.attention, layer.mlp
+            self.layers.append((
+                (attn.self.Wqkv.weight, attn.self.Wqkv.bias),
+                (attn.output.dense.weight, attn.output.dense.bias, attn.output.LayerNorm.weight,
+                 attn.output.LayerNorm.bias, mlp.gated_layers.weight, mlp.wo.weight, mlp.wo.bias,
+                 mlp.layernorm.weight, mlp.layernorm.bias, config.layer_norm_eps, config.intermediate_size),
+            ))
+        self.project = MaybeCompiled(_dna_project, dynamic_args=(0,))
+        self.rest = {  # by attention layout: the token dimension of `attended` is 1 when heads come first
+            False: MaybeCompiled(_dna_rest, dynamic_args=(0, 1)),
+            True: MaybeCompiled(_dna_rest, dynamic_args=(0, (1, 1))),
+        }
+
+    def hidden(self, tokens: Tensor, segments: Segments, attention: AttentionBackend, compile: bool) -> Tensor:
+        """[total, hidden] in `dtype` (rows past segments.real are padding)."""
+        x = self.model.embeddings(tokens)
+        first = attention.heads_first
+        for (w_qkv, b_qkv), rest in self.layers:
+            q, k, v = self.project(x, w_qkv, b_qkv, self.heads, first, compile=compile)
+            attended = attention(q, k, v, segments, None, self.slopes)
+            x = self.rest[first](x, attended, first, *rest, compile=compile)
+        return x
+
 
 class DNABERTEncoder:
-    """Tokenizes, packs under a token budget, runs DNABERT, and mean-pools per sequence."""
+    """Tokenizes, packs under a token budget, runs DNABERT, and mean-pools per sequence.
+
+    On CUDA (or with engine=True) the model runs through `FastDNABERT` with the attention
+    backend chosen once here (`self.attention.name`, for the log). `prepare` (host work,
+    thread-safe) and `run` (device work, no sync) let a caller overlap the two.
+    """
 
     def __init__(self, model: DNABERTModel, tokenizer: DNATokenizer, device: torch.device,
-                 batch_tokens: int) -> None:
-        if batch_tokens < 1:
-            raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+                 batch_tokens: int | None, *, engine: bool | None = None,
+                 attention: str | None = None, compile: bool | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        from core.esm2 import default_compile
+
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = device
+        use_engine = device.type == "cuda" if engine is None else engine
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        self.engine = None
+        if use_engine:
+            self.engine = model.__dict__.get("_fast_engine")
+            if self.engine is None:
+                self.engine = FastDNABERT(model, dtype)
+                model.__dict__["_fast_engine"] = self.engine
+            elif self.engine.dtype != dtype:
+                raise ValueError(f"this DNABERT model already runs in {self.engine.dtype}, not {dtype}")
+            heads = model.config.num_attention_heads
+            self.attention = attention_module.select(True, device, dtype, attention, heads,
+                                                     model.config.hidden_size // heads)
+            self.fallback = attention_module.make("sdpa_padded", alibi=True)
+        else:
+            self.attention = attention_module.make("per_sequence", alibi=True, note="reference path")
+        self.compile = default_compile(device) if compile is None else compile
+        if batch_tokens is None:
+            batch_tokens = auto_batch_tokens(device, DNA_BYTES_PER_TOKEN_PER_DIM * model.config.hidden_size,
+                                             DNA_MAX_BATCH_TOKENS, cpu_default=CPU_BATCH_TOKENS)
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
         self.batch_tokens = batch_tokens
 
     @property
@@ -350,40 +467,75 @@ class DNABERTEncoder:
         """Embedding width: 768 for DNABERT-S."""
         return self.model.config.hidden_size
 
+    @property
+    def backend(self) -> str:
+        """What runs, for the log: e.g. 'fp16 flex compiled' or 'fp32 per_sequence reference'."""
+        if self.engine is None:
+            return "fp32 per_sequence reference"
+        from core.esm2 import compile_state
+
+        state = compile_state(self.compile, (self.engine.project, *self.engine.rest.values()))
+        return f"{str(self.engine.dtype).replace('torch.', '')} {self.attention.name} {state}"
+
+    def prepare(self, sequences: Sequence[str]):
+        """Host work: tokenize and pack (pinned for the GPU). Safe to call from another thread."""
+        from core.esm2 import prepare_batches
+
+        flat, lengths = self.tokenizer.encode_many(sequences)
+        return prepare_batches(flat, lengths, self.batch_tokens, pin=self.device.type == "cuda")
+
+    def run(self, prepared) -> tuple[Tensor, Tensor]:
+        """Device work: ([n, dim] float32 embeddings, [n] bool all-finite) on the device."""
+        out = torch.empty(prepared.count, self.dim, dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            for host_batch, host_order in zip(prepared.batches, prepared.orders):
+                batch = host_batch.to(self.device)
+                order = host_order.to(self.device, non_blocking=True)
+                out[order] = self._pooled(batch)
+            finite = torch.isfinite(out).all(dim=1)
+        return out, finite
+
+    def _pooled(self, batch) -> Tensor:
+        if self.engine is None:
+            hidden = self.model(batch.tokens, batch.cu_seqlens, batch.max_seqlen, batch.bounds)
+            return segment_mean(hidden, batch.cu_seqlens)
+        attention = self.attention
+        total = attention.pads_to(batch.total)
+        if total > attention.pads_to(self.batch_tokens):  # a lone sequence over the budget: no new compile
+            attention, total = self.fallback, batch.total
+        tokens = batch.tokens
+        if total > batch.total:
+            tokens = F.pad(tokens, (0, total - batch.total), value=self.tokenizer.sep_id)
+        segments = Segments(batch.cu_seqlens, batch.bounds, batch.max_seqlen, total)
+        hidden = self.engine.hidden(tokens, segments, attention, self.compile)
+        return segment_mean(hidden[: batch.total], batch.cu_seqlens, validate=False)
+
     def embed(self, sequences: Sequence[str]) -> Tensor:
         """[n, dim] float32 CPU embeddings in input order: mean over all tokens of each."""
-        token_lists = [self.tokenizer.encode(sequence) for sequence in sequences]
-        embeddings = torch.empty(len(token_lists), self.dim, dtype=torch.float32)
-        with torch.inference_mode():
-            for batch in pack(token_lists, self.batch_tokens):
-                cu_seqlens = batch.cu_seqlens.to(self.device)
-                hidden = self.model(batch.tokens.to(self.device), cu_seqlens, batch.max_seqlen)
-                pooled = segment_mean(hidden, cu_seqlens)
-                embeddings[batch.order] = pooled.to(device="cpu", dtype=torch.float32)
-        return embeddings
+        from core.esm2 import raise_if_not_finite
 
-
-def default_batch_tokens(device: torch.device) -> int:
-    """Tokens per packed batch when the caller gives none: small on CPU."""
-    return GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS
+        out, finite = self.run(self.prepare(sequences))
+        out, finite = out.cpu(), finite.cpu()
+        raise_if_not_finite("DNABERT-S", finite)
+        return out
 
 
 def load_dnabert(source: str, device: torch.device,
-                 batch_tokens: int | None = None) -> DNABERTEncoder:
+                 batch_tokens: int | None = None, *, attention: str | None = None,
+                 compile: bool | None = None) -> DNABERTEncoder:
     """Load DNABERT-S from a local Hugging Face model directory or a cached hub id.
 
     The directory holds `config.json`, `model.safetensors` or `pytorch_model.bin` (read
     with weights_only) and `tokenizer.json`. Raises ModelLoadError with a plain message
-    when any of it is missing or does not match.
+    when any of it is missing or does not match. On CUDA the encoder runs the fp16 engine;
+    batch_tokens None derives the packed batch size from free GPU memory.
     """
     directory = resolve_model_dir(source)
     config = DNABERTConfig.from_dict(_read_json(directory / CONFIG_FILE))
     model = DNABERTModel(config)
     load_published_state_dict(model, _read_weights(directory))
     tokenizer = DNATokenizer.from_file(_require_file(directory / TOKENIZER_FILE))
-    if batch_tokens is None:
-        batch_tokens = default_batch_tokens(device)
-    return DNABERTEncoder(model, tokenizer, device, batch_tokens)
+    return DNABERTEncoder(model, tokenizer, device, batch_tokens, attention=attention, compile=compile)
 
 
 def resolve_model_dir(source: str) -> Path:

@@ -6,3 +6,18 @@ class ModelLoadError(ValueError):
 
     The message names the source and says what to do; callers print it without a traceback.
     """
+
+
+class NonFiniteEmbedding(RuntimeError):
+    """An encoder produced NaN or Inf for some inputs: a numerical fault, never silently kept.
+
+    `indices` are the offending inputs' positions in the call; the message names them (or
+    the frame ids the caller passes in).
+    """
+
+    def __init__(self, model: str, indices: list[int], names: list[str] | None = None) -> None:
+        self.model, self.indices = model, indices
+        shown = names if names is not None else [str(i) for i in indices]
+        more = f" and {len(shown) - 10} more" if len(shown) > 10 else ""
+        super().__init__(f"{model} produced NaN/Inf embeddings for {len(shown)} input(s): "
+                         f"{', '.join(shown[:10])}{more}")

@@ -15,15 +15,19 @@ import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import esm
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.errors import ModelLoadError
-from core.packing import PackedBatch, pack, segment_ids, segment_mean
+from core import attention as attention_module
+from core.attention import Attention, Segments
+from core.errors import ModelLoadError, NonFiniteEmbedding
+from core.packing import PackedBatch, auto_batch_tokens, pack_flat, segment_ids, segment_mean
 
 DEFAULT_BATCH_TOKENS = 4096  # tokens per packed batch when the caller gives no budget
 POOLED_RESIDUES = 1024  # the published pooling averages at most this many residues
@@ -36,23 +40,20 @@ CHECKPOINT_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
 OPTIONAL_KEYS = ("contact_head.regression.weight", "contact_head.regression.bias")
 
 
-def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
+                     bounds: list[int] | None = None) -> Tensor:
     """Softmax attention within each packed sequence, never across two of them.
 
     q, k, v: [total, heads, head_dim], q already multiplied by head_dim**-0.5 (as fair-esm
     does before the dot product, hence scale=1 here). Returns [total, heads, head_dim].
-    This CPU version runs one sequence at a time; a varlen kernel takes the same arguments.
+    This is the reference (CPU) version, one sequence at a time; `bounds` are cu_seqlens as
+    host ints, read once per batch by the caller rather than once per layer. The GPU engine
+    (`FastESM2`) calls a varlen kernel from core.attention instead.
     """
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        out[start:end] = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1),
-            k[start:end].transpose(0, 1),
-            v[start:end].transpose(0, 1),
-            scale=1.0,
-        ).transpose(0, 1)
-    return out
+    bounds = cu_seqlens.tolist() if bounds is None else bounds
+    longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+    segments = Segments(cu_seqlens, bounds, longest, bounds[-1] if bounds else 0)
+    return attention_module.per_sequence(q, k, v, segments, scale=1.0)
 
 
 class RotaryEmbedding(nn.Module):
@@ -83,13 +84,13 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.rot_emb = RotaryEmbedding(self.head_dim)
 
-    def forward(self, x: Tensor, positions: Tensor, cu_seqlens: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, cu_seqlens: Tensor, bounds: list[int] | None = None) -> Tensor:
         total, width = x.shape
         q = (self.q_proj(x) * self.head_dim**-0.5).view(total, self.heads, self.head_dim)
         k = self.k_proj(x).view(total, self.heads, self.head_dim)
         v = self.v_proj(x).view(total, self.heads, self.head_dim)
         q, k = self.rot_emb(q, positions), self.rot_emb(k, positions)
-        return self.out_proj(packed_attention(q, k, v, cu_seqlens).reshape(total, width))
+        return self.out_proj(packed_attention(q, k, v, cu_seqlens, bounds).reshape(total, width))
 
 
 class TransformerLayer(nn.Module):
@@ -103,8 +104,8 @@ class TransformerLayer(nn.Module):
         self.fc2 = nn.Linear(4 * embed_dim, embed_dim)
         self.final_layer_norm = nn.LayerNorm(embed_dim)
 
-    def forward(self, x: Tensor, positions: Tensor, cu_seqlens: Tensor) -> Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), positions, cu_seqlens)
+    def forward(self, x: Tensor, positions: Tensor, cu_seqlens: Tensor, bounds: list[int] | None = None) -> Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), positions, cu_seqlens, bounds)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
@@ -157,8 +158,9 @@ class ESM2(nn.Module):
         x = self.embed_tokens(batch.tokens)  # fair-esm's embed_scale is 1
         if self.token_dropout:
             x = self._rescale_masked(x, batch.tokens, batch.cu_seqlens)
+        bounds = batch.bounds if batch.bounds is not None else batch.cu_seqlens.tolist()  # once per batch
         for layer in self.layers:
-            x = layer(x, batch.positions, batch.cu_seqlens)
+            x = layer(x, batch.positions, batch.cu_seqlens, bounds)
         return self.emb_layer_norm_after(x)
 
     def _rescale_masked(self, x: Tensor, tokens: Tensor, cu_seqlens: Tensor) -> Tensor:
@@ -175,24 +177,239 @@ class ESM2(nn.Module):
         return x * (1 - MASK_RATIO_TRAIN) / (1 - masked / lengths)[owner][:, None]
 
 
+# --- the GPU engine -------------------------------------------------------------------------
+
+ESM_MAX_BATCH_TOKENS = 65536  # GEMMs are at full speed well before this many rows
+ESM_BYTES_PER_TOKEN_PER_DIM = 56  # peak activation bytes per packed token, per unit of embed_dim
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """fair-esm's rotary embedding on x [total, heads, d] with cos/sin [total, 1, d]."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def _esm_pre_attention(x: Tensor, ln_w: Tensor, ln_b: Tensor, w_qkv: Tensor, b_qkv: Tensor,
+                       cos: Tensor, sin: Tensor, heads: int, eps: float, q_scale: float):
+    """LayerNorm, fused q/k/v projection, query scaling and rotary (in float32), per layer."""
+    total, width = x.shape
+    h = F.layer_norm(x, (width,), ln_w, ln_b, eps)
+    qkv = F.linear(h, w_qkv, b_qkv).view(total, 3, heads, width // heads)
+    q = _rotate(qkv[:, 0].float() * q_scale, cos, sin).to(x.dtype)
+    k = _rotate(qkv[:, 1].float(), cos, sin).to(x.dtype)
+    return q, k, qkv[:, 2].contiguous()
+
+
+def _esm_post_attention(x: Tensor, attended: Tensor, w_o: Tensor, b_o: Tensor, ln_w: Tensor,
+                        ln_b: Tensor, w_1: Tensor, b_1: Tensor, w_2: Tensor, b_2: Tensor,
+                        eps: float) -> Tensor:
+    """Output projection and residual, then the pre-LayerNorm GELU feed-forward and residual."""
+    total, width = x.shape
+    x = x + F.linear(attended.reshape(total, width), w_o, b_o)
+    h = F.layer_norm(x, (width,), ln_w, ln_b, eps)
+    # x + (fc2(.) + b_2) with the residual and bias as the GEMM's C input (beta = 1): x + b_2
+    # comes out of the LayerNorm kernel for free and saves an elementwise pass over the rows.
+    return torch.addmm(x + b_2, F.gelu(F.linear(h, w_1, b_1)), w_2.t())
+
+
+class MaybeCompiled:
+    """`fn`, or `torch.compile(fn)` (made on first use) with the token dimension of some
+    arguments dynamic: one graph serves every batch size and every layer. If compiling
+    fails, it says why (`error`) and runs `fn` eagerly from then on."""
+
+    def __init__(self, fn, dynamic_args: tuple[int | tuple[int, int], ...]) -> None:
+        """dynamic_args: argument indices whose dim 0 is the token count, or (index, dim) pairs."""
+        self.fn = fn
+        self.dynamic_args = [(a, 0) if isinstance(a, int) else a for a in dynamic_args]
+        self.compiled = None
+        self.error: str | None = None
+
+    def __call__(self, *args, compile: bool = False):
+        if compile and self.error is None:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn)
+                for index, dim in self.dynamic_args:
+                    torch._dynamo.mark_dynamic(args[index], dim)
+                return self.compiled(*args)
+            except Exception as error:  # compile problems of any kind: run eagerly from now on
+                self.error = f"{type(error).__name__}: {str(error)[:300]}"
+        return self.fn(*args)
+
+
+def compile_state(compile: bool, parts) -> str:
+    """'compiled', 'eager', or 'eager (why compiling failed)', for the log."""
+    if not compile:
+        return "eager"
+    errors = [p.error for p in parts if p.error]
+    return f"eager ({errors[0]})" if errors else "compiled"
+
+
+def default_compile(device: torch.device) -> bool:
+    """torch.compile the engine's per-layer pieces on CUDA (VIRNUCPRO_COMPILE=0 turns it off)."""
+    return device.type == "cuda" and os.environ.get("VIRNUCPRO_COMPILE", "1") != "0"
+
+
+class FastESM2:
+    """ESM-2 inference on packed batches for the GPU: the model's weights in `dtype` (fp16 on
+    CUDA), q/k/v fused into one GEMM, a varlen attention backend, LayerNorm statistics,
+    rotary, token dropout, the final LayerNorm and pooling in float32.
+
+    Built from a loaded `ESM2`, whose parameters it converts in place: q_proj/k_proj/v_proj
+    become views into the fused weight, so state_dict names and loading are unchanged. No
+    host-device synchronisation inside `hidden`.
+    """
+
+    def __init__(self, model: ESM2, dtype: torch.dtype) -> None:
+        model.eval().requires_grad_(False)
+        self.model, self.dtype = model, dtype
+        final = model.emb_layer_norm_after
+        self.final_norm = (final.weight.detach().float().clone(), final.bias.detach().float().clone(), final.eps)
+        first = model.layers[0].self_attn
+        self.heads, self.head_dim = first.heads, first.head_dim
+        self.q_scale = self.head_dim**-0.5
+        device = final.weight.device
+        self.inv_freq = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
+        model.to(dtype)
+        self.layers = [self._fuse(layer) for layer in model.layers]
+        self.pre = MaybeCompiled(_esm_pre_attention, dynamic_args=(0, 5, 6))
+        self.post = MaybeCompiled(_esm_post_attention, dynamic_args=(0, 1))
+
+    @staticmethod
+    def _fuse(layer: TransformerLayer) -> tuple:
+        attn, width = layer.self_attn, layer.self_attn.q_proj.weight.shape[0]
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        weight = torch.cat([p.weight.detach() for p in projections])
+        bias = torch.cat([p.bias.detach() for p in projections])
+        for i, projection in enumerate(projections):  # same names, now views into the fused tensors
+            projection.weight.data = weight[i * width:(i + 1) * width]
+            projection.bias.data = bias[i * width:(i + 1) * width]
+        return (
+            (layer.self_attn_layer_norm.weight, layer.self_attn_layer_norm.bias, weight, bias,
+             layer.self_attn_layer_norm.eps),
+            (attn.out_proj.weight, attn.out_proj.bias, layer.final_layer_norm.weight,
+             layer.final_layer_norm.bias, layer.fc1.weight, layer.fc1.bias, layer.fc2.weight,
+             layer.fc2.bias, layer.final_layer_norm.eps),
+        )
+
+    def hidden(self, batch: PackedBatch, segments: Segments, attention: Attention, compile: bool) -> Tensor:
+        """float32 [total, embed_dim]: the last layer after emb_layer_norm_after."""
+        model, tokens = self.model, batch.tokens
+        x = model.embed_tokens(tokens)
+        if model.token_dropout:
+            owner = segments.owner()
+            is_mask = tokens == model.mask_idx
+            lengths = (segments.cu_seqlens[1:] - segments.cu_seqlens[:-1]).float()
+            masked = torch.zeros_like(lengths).index_add_(0, owner, is_mask.float())
+            factor = ((1 - MASK_RATIO_TRAIN) / (1 - masked / lengths))[owner][:, None]
+            x = (x.float() * factor).masked_fill(is_mask[:, None], 0.0).to(self.dtype)
+        angles = batch.positions.float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)[:, None, :]
+        cos, sin = angles.cos(), angles.sin()
+        for (ln_w, ln_b, w_qkv, b_qkv, eps), rest in self.layers:
+            q, k, v = self.pre(x, ln_w, ln_b, w_qkv, b_qkv, cos, sin, self.heads, eps, self.q_scale, compile=compile)
+            attended = attention(q, k, v, segments, 1.0)
+            x = self.post(x, attended, *rest, compile=compile)
+        weight, bias, eps = self.final_norm
+        return F.layer_norm(x.float(), (x.shape[1],), weight, bias, eps)
+
+
+
+def _engine_for(model: ESM2, dtype: torch.dtype) -> FastESM2:
+    """One engine per model (the conversion happens in place, once)."""
+    engine = model.__dict__.get("_fast_engine")
+    if engine is None:
+        engine = FastESM2(model, dtype)
+        model.__dict__["_fast_engine"] = engine
+    elif engine.dtype != dtype:
+        raise ValueError(f"this ESM-2 model already runs in {engine.dtype}, not {dtype}")
+    return engine
+
+
+@dataclass
+class PreparedBatches:
+    """Sequences tokenized and packed on the host (pinned when bound for a GPU)."""
+
+    batches: list[PackedBatch]
+    orders: list[Tensor]  # int64 copy of each batch's order, pinned alongside
+    count: int
+
+
+def prepare_batches(flat: np.ndarray, lengths: np.ndarray, budget: int, pin: bool) -> PreparedBatches:
+    batches = pack_flat(flat, lengths, budget) if len(lengths) else []
+    orders = [torch.tensor(b.order, dtype=torch.int64) for b in batches]
+    if pin:
+        batches = [b.pin_memory() for b in batches]
+        orders = [o.pin_memory() for o in orders]
+    return PreparedBatches(batches, orders, len(lengths))
+
+
+def flatten_token_lists(token_lists: Sequence[Sequence[int]] | Sequence[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+    if not len(token_lists):
+        return np.zeros(0, np.int64), lengths
+    flat = np.concatenate([np.asarray(t, dtype=np.int64).reshape(-1) for t in token_lists])
+    return flat, lengths
+
+
+def raise_if_not_finite(model: str, finite: Tensor) -> None:
+    if not bool(finite.all()):
+        raise NonFiniteEmbedding(model, torch.nonzero(~finite).flatten().tolist())
+
+
 class ESM2Encoder:
-    """ESM-2 as the pipeline uses it: proteins in, one pooled float32 vector per protein out."""
+    """ESM-2 as the pipeline uses it: proteins in, one pooled float32 vector per protein out.
+
+    On CUDA (or with engine=True) the model runs through `FastESM2` in fp16 with the
+    attention backend chosen once here (`self.attention.name`, for the log); on the CPU it
+    runs the reference arithmetic. `prepare` (host work, thread-safe) and `run` (device
+    work, no sync) let a caller overlap the two; `embed` does both.
+    """
 
     def __init__(
         self,
         model: ESM2,
         alphabet: esm.data.Alphabet,
         device: torch.device,
-        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
+        *,
+        engine: bool | None = None,
+        attention: str | None = None,
+        compile: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.alphabet = alphabet
         self.device = device
+        use_engine = device.type == "cuda" if engine is None else engine
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        self.engine = _engine_for(model, dtype) if use_engine else None
+        self.compile = default_compile(device) if compile is None else compile
+        if self.engine is None:
+            self.attention = attention_module.make("per_sequence", alibi=False, note="reference path")
+        else:
+            self.attention = attention_module.select(False, device, dtype, attention,
+                                                     self.engine.heads, self.engine.head_dim)
+        if batch_tokens is None:
+            batch_tokens = auto_batch_tokens(device, ESM_BYTES_PER_TOKEN_PER_DIM * model.embed_dim,
+                                             ESM_MAX_BATCH_TOKENS, cpu_default=DEFAULT_BATCH_TOKENS)
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
         self.batch_tokens = batch_tokens
+        self._lookup = _lookup_table(alphabet)
 
     @property
     def dim(self) -> int:
         return self.model.embed_dim
+
+    @property
+    def backend(self) -> str:
+        """What runs, for the log: e.g. 'fp16 varlen compiled' or 'fp32 per_sequence reference'."""
+        if self.engine is None:
+            return "fp32 per_sequence reference"
+        dtype = str(self.engine.dtype).replace("torch.", "")
+        state = compile_state(self.compile, (self.engine.pre, self.engine.post))
+        return f"{dtype} {self.attention.name} {state}"
 
     def tokenize(self, protein: str) -> list[int]:
         """<cls> + residues + <eos> in fair-esm's alphabet (which also reads '<mask>' as one token)."""
@@ -204,9 +421,60 @@ class ESM2Encoder:
             raise ValueError("cannot embed an empty protein")
         return [self.alphabet.cls_idx, *residues, self.alphabet.eos_idx]
 
+    def tokenize_many(self, proteins: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of all proteins laid end to end, and each one's length (the same ids as
+        `tokenize`); one table lookup over all the letters instead of a Python loop per letter."""
+        if not proteins:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        joined = "".join(proteins)
+        data = joined.encode("ascii", errors="replace")
+        codes = self._lookup[np.frombuffer(data, dtype=np.uint8)]
+        residues = np.fromiter((len(p) for p in proteins), dtype=np.int64, count=len(proteins))
+        if len(data) != len(joined) or (codes < 0).any() or not residues.all():
+            return flatten_token_lists([self.tokenize(p) for p in proteins])  # '<mask>', errors
+        lengths = residues + 2
+        flat = np.empty(int(lengths.sum()), dtype=np.int64)
+        starts = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        inner = np.ones(len(flat), dtype=bool)
+        inner[starts] = False
+        inner[starts + lengths - 1] = False
+        flat[starts] = self.alphabet.cls_idx
+        flat[starts + lengths - 1] = self.alphabet.eos_idx
+        flat[inner] = codes
+        return flat, lengths
+
+    def prepare(self, proteins: Sequence[str]) -> PreparedBatches:
+        """Host work: tokenize and pack (pinned for the GPU). Safe to call from another thread."""
+        return self.prepare_tokens(*self.tokenize_many(proteins))
+
+    def prepare_tokens(self, flat: np.ndarray, lengths: np.ndarray) -> PreparedBatches:
+        if len(lengths) and int(lengths.min()) < 3:
+            raise ValueError("a sequence has no rows left to pool after the offsets")
+        return prepare_batches(flat, lengths, self.batch_tokens, pin=self.device.type == "cuda")
+
+    def run(self, prepared: PreparedBatches) -> tuple[Tensor, Tensor]:
+        """Device work: ([n, dim] float32 embeddings, [n] bool all-finite), both on the device,
+        in input order; nothing is read back to the host."""
+        out = torch.empty(prepared.count, self.dim, dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            for host_batch, host_order in zip(prepared.batches, prepared.orders):
+                batch = host_batch.to(self.device)
+                order = host_order.to(self.device, non_blocking=True)
+                out[order] = self._pooled(batch)
+            finite = torch.isfinite(out).all(dim=1)
+        return out, finite
+
+    def _pooled(self, batch: PackedBatch) -> Tensor:
+        if self.engine is None:
+            return segment_mean(self.model(batch), batch.cu_seqlens, 1, 1, POOLED_RESIDUES)
+        segments = Segments(batch.cu_seqlens, batch.bounds, batch.max_seqlen, batch.total)
+        hidden = self.engine.hidden(batch, segments, self.attention, self.compile)
+        return segment_mean(hidden, batch.cu_seqlens, 1, 1, POOLED_RESIDUES, validate=False)
+
     def embed(self, proteins: Sequence[str]) -> Tensor:
         """[len(proteins), dim] float32 on the CPU, in input order."""
-        return self.embed_tokens([self.tokenize(protein) for protein in proteins])
+        return self._finish(self.run(self.prepare(proteins)))
 
     def embed_tokens(self, token_lists: Sequence[Sequence[int]] | Sequence[Tensor]) -> Tensor:
         """Embed already tokenized sequences (each <cls> ... <eos>), pooled as the published tool does.
@@ -214,24 +482,45 @@ class ESM2Encoder:
         The model sees every token; the embedding is the mean over residues 1 .. min(1024, L),
         leaving out <cls> and <eos>.
         """
-        out = torch.empty(len(token_lists), self.dim, dtype=torch.float32)
-        with torch.inference_mode():
-            for batch in pack(token_lists, self.batch_tokens):
-                batch = batch.to(self.device)
-                pooled = segment_mean(self.model(batch), batch.cu_seqlens, 1, 1, POOLED_RESIDUES)
-                out[batch.order] = pooled.cpu()
+        return self._finish(self.run(self.prepare_tokens(*flatten_token_lists(token_lists))))
+
+    @staticmethod
+    def _finish(result: tuple[Tensor, Tensor]) -> Tensor:
+        out, finite = result
+        out, finite = out.cpu(), finite.cpu()
+        raise_if_not_finite("ESM-2", finite)
         return out
 
 
-def load_esm2(source: str, device: torch.device, batch_tokens: int | None = None) -> ESM2Encoder:
+def _lookup_table(alphabet: esm.data.Alphabet) -> np.ndarray:
+    """Byte -> token id for the alphabet's one-letter tokens; -1 for anything else."""
+    table = np.full(256, -1, dtype=np.int64)
+    for token, index in alphabet.tok_to_idx.items():
+        if len(token) == 1 and token.isascii() and not token.isspace():
+            table[ord(token)] = index
+    return table
+
+
+def load_esm2(
+    source: str,
+    device: torch.device,
+    batch_tokens: int | None = None,
+    *,
+    attention: str | None = None,
+    compile: bool | None = None,
+) -> ESM2Encoder:
     """ESM-2 from a fair-esm checkpoint file, or from a fair-esm model name (downloaded once).
 
+    On CUDA the weights are loaded straight into fp16 and the encoder runs the GPU engine;
+    batch_tokens None derives the packed batch size from free GPU memory.
     Raises ModelLoadError, with a message meant for the user, when the source cannot be used.
     """
     checkpoint = read_checkpoint(_checkpoint_path(source))
-    model = model_from_checkpoint(checkpoint, source, device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = model_from_checkpoint(checkpoint, source, device, dtype)
+    del checkpoint
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
-    return ESM2Encoder(model, alphabet, device, batch_tokens or DEFAULT_BATCH_TOKENS)
+    return ESM2Encoder(model, alphabet, device, batch_tokens, attention=attention, compile=compile)
 
 
 def _checkpoint_path(source: str) -> Path:
@@ -294,8 +583,12 @@ def read_checkpoint(path: Path) -> dict:
         raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
 
 
-def model_from_checkpoint(checkpoint: dict, source: str, device: torch.device) -> ESM2:
-    """Size the model from cfg, load the weights strictly (contact regression may be absent), eval mode."""
+def model_from_checkpoint(checkpoint: dict, source: str, device: torch.device,
+                          dtype: torch.dtype = torch.float32) -> ESM2:
+    """Size the model from cfg, load the weights strictly (contact regression may be absent), eval mode.
+
+    The parameters are created in `dtype` (fp16 for the GPU: half the memory, no fp32 copy).
+    """
     fields = ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "token_dropout")
     layout_ok = isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
     config = checkpoint.get("cfg") if layout_ok else None
@@ -315,6 +608,7 @@ def model_from_checkpoint(checkpoint: dict, source: str, device: torch.device) -
             mask_idx=alphabet.mask_idx,
             token_dropout=config.token_dropout,
         )
+    model.to(dtype)
     model.to_empty(device=device)
     model.lm_head.weight = model.embed_tokens.weight  # to_empty unties them
     state = {CHECKPOINT_PREFIX.sub("", name): tensor for name, tensor in checkpoint["model"].items()}

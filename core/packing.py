@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
+
+MIN_BATCH_TOKENS = 1024  # the smallest budget derived from free GPU memory
 
 
 @dataclass
@@ -28,6 +31,16 @@ class PackedBatch:
     positions: Tensor  # int64 [total], 0 at the first token of every sequence
     max_seqlen: int
     order: list[int]
+    bounds: list[int] | None = None  # cu_seqlens as host ints: no GPU sync to read them
+
+    def __post_init__(self) -> None:
+        if self.bounds is None and self.cu_seqlens.device.type == "cpu":
+            self.bounds = self.cu_seqlens.tolist()
+
+    @property
+    def total(self) -> int:
+        """Number of packed tokens (rows)."""
+        return self.tokens.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
         return PackedBatch(
@@ -36,6 +49,18 @@ class PackedBatch:
             positions=self.positions.to(device, non_blocking=non_blocking),
             max_seqlen=self.max_seqlen,
             order=self.order,
+            bounds=self.bounds,
+        )
+
+    def pin_memory(self) -> PackedBatch:
+        """The same batch in page-locked host memory, so copies to the GPU can overlap compute."""
+        return PackedBatch(
+            tokens=self.tokens.pin_memory(),
+            cu_seqlens=self.cu_seqlens.pin_memory(),
+            positions=self.positions.pin_memory(),
+            max_seqlen=self.max_seqlen,
+            order=self.order,
+            bounds=self.bounds,
         )
 
 
@@ -104,6 +129,63 @@ def _build_batch(token_lists: Sequence[Sequence[int]] | Sequence[Tensor], order:
     )
 
 
+def pack_flat(flat: np.ndarray, lengths: np.ndarray, budget_tokens: int) -> list[PackedBatch]:
+    """`pack` for sequences given as one concatenated array plus their lengths.
+
+    The same batches as `pack` over the split sequences (same first-fit-decreasing order),
+    built with a few NumPy gathers instead of one tensor per sequence: this is the form the
+    GPU engine's background thread uses for thousands of sequences at a time.
+    """
+    if budget_tokens < 1:
+        raise ValueError(f"budget_tokens must be positive, got {budget_tokens}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size and int(lengths.min()) <= 0:
+        raise ValueError("cannot pack an empty sequence")
+    flat = np.asarray(flat, dtype=np.int64)
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    longest_first = np.argsort(-lengths, kind="stable")
+    bins = _first_fit(lengths[longest_first].tolist(), budget_tokens)
+    batches = []
+    for members in bins:
+        order = longest_first[members]
+        batch_lengths = lengths[order]
+        cu_seqlens = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(batch_lengths, out=cu_seqlens[1:])
+        total = int(cu_seqlens[-1])
+        owner_start = np.repeat(cu_seqlens[:-1], batch_lengths)
+        positions = np.arange(total, dtype=np.int64) - owner_start
+        rows = np.repeat(starts[order], batch_lengths) + positions
+        batches.append(PackedBatch(
+            tokens=torch.from_numpy(flat[rows]),
+            cu_seqlens=torch.from_numpy(cu_seqlens.astype(np.int32)),
+            positions=torch.from_numpy(positions),
+            max_seqlen=int(batch_lengths.max()),
+            order=order.tolist(),
+            bounds=cu_seqlens.tolist(),
+        ))
+    return batches
+
+
+def auto_batch_tokens(
+    device: torch.device,
+    bytes_per_token: int,
+    cap: int,
+    share: float = 0.5,
+    cpu_default: int = 4096,
+) -> int:
+    """Token budget for one packed batch: `share` of the free GPU memory over the bytes one
+    token needs at peak, capped at `cap` and rounded down to a multiple of 1024.
+
+    On the CPU (no memory query) it is `cpu_default`.
+    """
+    if device.type != "cuda":
+        return cpu_default
+    free, _ = torch.cuda.mem_get_info(device)
+    fitting = int(free * share) // bytes_per_token
+    return max(MIN_BATCH_TOKENS, min(cap, fitting) // 1024 * 1024)
+
+
 def segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
     """For every packed row, the number of the sequence it belongs to (int64 [total])."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
@@ -117,6 +199,7 @@ def segment_mean(
     start_offset: int = 0,
     end_offset: int = 0,
     max_len: int | None = None,
+    validate: bool = True,
 ) -> Tensor:
     """Mean of each packed sequence's rows, float32 [n, d], computed on hidden's device.
 
@@ -125,6 +208,8 @@ def segment_mean(
     start_offset=1, end_offset=1 drops a leading <cls> and trailing <eos>, and max_len
     caps how many rows count (ESM-2's published pooling stops after 1024 residues).
     Defaults pool every row. Sums accumulate in float32 whatever hidden's dtype is.
+    validate=False skips the check that every window is non-empty (a device-to-host sync on
+    the GPU); callers that pass it have checked the lengths on the host.
     """
     total, width = hidden.shape
     starts = cu_seqlens[:-1].to(torch.int64)
@@ -133,7 +218,7 @@ def segment_mean(
     if max_len is not None:
         highs = torch.minimum(highs, lows + max_len)
     counts = highs - lows
-    if bool((counts <= 0).any()):
+    if validate and bool((counts <= 0).any()):
         raise ValueError("a sequence has no rows left to pool after the offsets")
     owner = segment_ids(cu_seqlens, total)
     rows = torch.arange(total, device=hidden.device)
@@ -141,4 +226,4 @@ def segment_mean(
     values = torch.where(pooled[:, None], hidden.float(), 0.0)
     sums = torch.zeros(len(counts), width, dtype=torch.float32, device=hidden.device)
     sums.index_add_(0, owner, values)
-    return sums / counts[:, None].to(torch.float32)
+    return sums / counts.clamp(min=1)[:, None].to(torch.float32)

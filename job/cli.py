@@ -1,6 +1,6 @@
 """`virnucpro`: the command line. Every subcommand builds its inputs here and hands off.
 
-A newcomer follows a read from here: `run` -> job.local_run (or the batch job) ->
+A newcomer follows a read from here: `run` -> job.batch (plan, workers, merge) -> job.worker ->
 core.pipeline.Predictor -> core.frames, core.dnabert, core.esm2, core.classifier.
 """
 from __future__ import annotations
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--slot", type=int, help="this machine's slot (default: AWS_BATCH_JOB_ARRAY_INDEX or JOB_COMPLETION_INDEX)")
     batch.add_argument("--slots", type=int, help="number of slots (default: AWS_BATCH_JOB_ARRAY_SIZE)")
     batch.add_argument("--shard-reads", type=int, default=RunConfig.shard_reads, help="reads per shard (default: %(default)s)")
+    batch.add_argument("--group-reads", type=int, default=RunConfig.group_reads, help="reads scored together (default: %(default)s; changes the last digits of scores)")
     batch.add_argument("--checkpoint-seconds", type=float, default=RunConfig.checkpoint_seconds, help="commit results at least this often (default: %(default)s)")
     batch.add_argument("--grace-seconds", type=float, default=RunConfig.grace_seconds, help="time to stop after SIGTERM (default: %(default)s)")
     batch.add_argument("--lease-seconds", type=float, default=RunConfig.lease_seconds, help="a shard's lease lasts this long unless renewed (default: %(default)s)")
@@ -91,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("destination")
     convert.add_argument("--chunk-length", type=int, choices=(300, 500), help="default: from the file name")
     convert.set_defaults(handler=_convert_classifier)
+
+    bench = commands.add_parser("bench", help="time the GPU engine against the published paths (random weights)")
+    bench.add_argument("--device", default="cuda", help="device to measure (default: cuda)")
+    bench.add_argument("--json", help="write the full results here")
+    bench.add_argument("--quick", action="store_true", help="tiny models on the CPU (CI): exercises the command, measures nothing useful")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -140,6 +147,7 @@ def _run(args: argparse.Namespace) -> int:
         slot=slot,
         slots=slots,
         shard_reads=args.shard_reads,
+        group_reads=args.group_reads,
         checkpoint_seconds=args.checkpoint_seconds,
         grace_seconds=args.grace_seconds,
         lease_seconds=args.lease_seconds,
@@ -209,6 +217,13 @@ def _convert_classifier(args: argparse.Namespace) -> int:
 
     convert_classifier(args.source, args.destination, args.chunk_length)
     return exit_codes.OK
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from core.bench import run_bench
+
+    data = run_bench(args.device, args.json, args.quick)
+    return exit_codes.OK if not data["errors"] else exit_codes.INTERNAL_ERROR
 
 
 if __name__ == "__main__":

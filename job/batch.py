@@ -1,0 +1,229 @@
+"""`virnucpro run` as a spot-safe batch job: plan, workers, merge. The same command resumes.
+
+One run lives under its output URI (see README, "Batch job"). Every process that runs the
+command does the same thing, so starting it again, or on N machines at once, is safe:
+
+1. plan the run, or adopt the plan already there (refusing changed inputs or arguments);
+2. start the workers (one per visible GPU, or --workers on CPU) and wait until every shard
+   is done or failed, by them or by workers elsewhere;
+3. merge, unless another process holds the merge, in which case wait for its marker.
+
+SIGTERM, SIGINT or a spot notice stop it: the workers get SIGTERM, commit what they have and
+release their shards; the command exits 75 (INTERRUPTED), and rerunning it resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from core.pipeline import PUBLISHED_DNA_DIM, PUBLISHED_PROTEIN_DIM
+from job import exit_codes
+from job.config import RunConfig
+from job.errors import BadInput, Interrupted
+from job.inputs import resolve_inputs
+from job.log import get_logger
+from job.merge import DEMO_WARNING, FAILED, MergeClaim, MergeInputs, merge, read_marker
+from job.models import LocalModel, localize_model
+from job.plan import Plan, plan_run
+from job.spot import SpotWatcher
+from job.status import run_status
+from job.store import Store, open_store
+from job.worker import WorkerSpec, command
+
+PROGRESS_SECONDS = 30.0
+KILL_MARGIN_SECONDS = 5.0  # on top of --grace-seconds before stragglers are killed
+
+
+def run_batch(config: RunConfig) -> int:
+    """Run (or resume, or report) the job; returns the process exit code."""
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+    spot = SpotWatcher(config.imds_url, stop.set)
+    spot.start()
+    log = get_logger(output=config.output)
+    try:
+        return _BatchRun(config, stop).run()
+    except BadInput as exc:
+        log.error("bad_input", error=str(exc))
+        print(f"virnucpro: error: {exc}", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    except Interrupted as exc:
+        log.warning("interrupted", reason=str(exc), message="rerun the same command to resume")
+        return exit_codes.INTERRUPTED
+    finally:
+        spot.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class _BatchRun:
+    def __init__(self, config: RunConfig, stop: threading.Event) -> None:
+        self.config, self.stop = config, stop
+        self.endpoint = config.s3_endpoint_url
+        self.owner = f"{socket.gethostname()}-{os.getpid()}"
+        self.log = get_logger(output=config.output)
+
+    def run(self) -> int:
+        _check_numbers(self.config)
+        store = open_store(self.config.output, self.endpoint)
+        _check_writable(store, self.owner)
+        if (marker := read_marker(store)) is not None:
+            self.log.info("already_finished", marker=marker[0])
+            return _report(*marker)
+        inputs = resolve_inputs(self.config.inputs, self.endpoint)
+        models = {
+            name: localize_model(getattr(self.config, name), self.config.model_cache, self.endpoint)
+            for name in ("esm_model", "dnabert_model", "classifier")
+        }
+        chunk_length, feature_dim = _inspect_classifier(models["classifier"], self.config)
+        settings = {
+            **{name: model.identity() for name, model in models.items()},
+            "chunk_length": chunk_length,
+            "write_features": self.config.write_features,
+            "group_reads": self.config.group_reads,
+        }
+        plan = plan_run(store, inputs, settings, self.config.shard_reads, self.endpoint, self.stop)
+        self.log = self.log.bind(run_id=plan.run_id)
+        self.log.info("run_planned", shards=len(plan.shards), reads=plan.total_reads, inputs=len(plan.inputs))
+        demo_models = feature_dim != PUBLISHED_DNA_DIM + PUBLISHED_PROTEIN_DIM
+        if demo_models:
+            self.log.warning("demo_models", message=DEMO_WARNING)
+        worker_config = replace(
+            self.config,
+            esm_model=models["esm_model"].path,
+            dnabert_model=models["dnabert_model"].path,
+            classifier=models["classifier"].path,
+            chunk_length=chunk_length,
+        )
+        if not _all_final(store, plan):
+            codes = self._run_workers(store, plan, worker_config)
+            if self.stop.is_set():
+                raise Interrupted("stopped while the workers ran")
+            if not _all_final(store, plan):
+                if codes and all(code == exit_codes.BAD_INPUT for code in codes):
+                    return exit_codes.BAD_INPUT
+                self.log.error("workers_exited_early", exit_codes=codes, message="rerun the same command to resume")
+                return exit_codes.INTERNAL_ERROR
+        merge_inputs = MergeInputs(
+            write_features=self.config.write_features,
+            feature_dim=feature_dim,
+            demo_models=demo_models,
+            endpoint_url=self.endpoint,
+            lease_seconds=self.config.lease_seconds,
+        )
+        return _report(*self._finish(store, plan, merge_inputs))
+
+    def _run_workers(self, store: Store, plan: Plan, config: RunConfig) -> list[int]:
+        gpus = _visible_gpus(config)
+        count = self.config.workers or max(len(gpus), 1)
+        processes = []
+        for index in range(count):
+            env = dict(os.environ)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+            spec = WorkerSpec(config, index, count, os.getpid())
+            processes.append(subprocess.Popen(command(spec), env=env))
+        self.log.info("workers_started", workers=count, gpus=len(gpus))
+        deadline = None
+        last_progress = time.monotonic()
+        while any(process.poll() is None for process in processes):
+            if self.stop.is_set() and deadline is None:
+                deadline = time.monotonic() + self.config.grace_seconds + KILL_MARGIN_SECONDS
+                self.log.warning("stopping_workers", grace_seconds=self.config.grace_seconds)
+                _signal_all(processes, signal.SIGTERM)
+            if deadline is not None and time.monotonic() > deadline:
+                self.log.error("killing_workers", message="workers did not stop within the grace period")
+                _signal_all(processes, signal.SIGKILL)
+            if time.monotonic() - last_progress >= PROGRESS_SECONDS:
+                last_progress = time.monotonic()
+                status = run_status(store, plan)
+                if status is not None:
+                    self.log.info("progress", **status.as_dict())
+            time.sleep(0.2)
+        return [process.returncode for process in processes]
+
+    def _finish(self, store: Store, plan: Plan, merge_inputs: MergeInputs) -> tuple[str, dict]:
+        """Merge, or wait while another process merges (and take over if it dies)."""
+        claim = MergeClaim(store, self.owner, self.config.lease_seconds)
+        poll = min(self.config.lease_seconds / 4, 5.0)
+        while (marker := read_marker(store)) is None:
+            if self.stop.is_set():
+                raise Interrupted("stopped while waiting for the merge")
+            if claim.acquire():
+                self.log.info("merge_started")
+                try:
+                    return merge(store, plan, merge_inputs, claim, self.stop)
+                except BaseException:
+                    claim.release()
+                    raise
+            self.stop.wait(poll)
+        return marker
+
+
+def _inspect_classifier(model: LocalModel, config: RunConfig) -> tuple[int, int]:
+    """The chunk length the run uses and the feature width, checked before any work starts."""
+    from core.classifier import check_chunk_length, load_classifier
+
+    classifier = load_classifier(model.path, "cpu")
+    return check_chunk_length(classifier, config.chunk_length, config.force_chunk_length), classifier.input_dim
+
+
+def _check_numbers(config: RunConfig) -> None:
+    for flag, value, least in (
+        ("--shard-reads", config.shard_reads, 1), ("--group-reads", config.group_reads, 1),
+        ("--workers", config.workers or 1, 1), ("--max-attempts", config.max_attempts, 1),
+        ("--lease-seconds", config.lease_seconds, 0.1), ("--checkpoint-seconds", config.checkpoint_seconds, 0),
+        ("--grace-seconds", config.grace_seconds, 0),
+    ):
+        if value < least:
+            raise BadInput(f"{flag} must be at least {least}, not {value}")
+
+
+def _check_writable(store: Store, owner: str) -> None:
+    probe = f"_run/probes/{owner}"
+    try:
+        store.put(probe, b"")
+        store.delete([probe])
+    except (ClientError, BotoCoreError, OSError) as exc:
+        raise BadInput(
+            f"cannot write to output {store.uri} ({type(exc).__name__}: {exc}); check that the "
+            "bucket or directory exists and these credentials may write and delete there, or "
+            "choose another --output"
+        ) from None
+
+
+def _all_final(store: Store, plan: Plan) -> bool:
+    status = run_status(store, plan)
+    return status is not None and status.done + status.failed == status.shards
+
+
+def _visible_gpus(config: RunConfig) -> list[str]:
+    """CUDA device ids to hand out to the workers, one each (round robin); empty on CPU."""
+    if config.device == "cpu":
+        return []
+    import torch
+
+    count = torch.cuda.device_count()
+    listed = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (listed or [str(i) for i in range(count)])[:count]
+
+
+def _signal_all(processes: list[subprocess.Popen], signum: int) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signum)
+
+
+def _report(marker: str, summary: dict) -> int:
+    """Print the run's summary on stdout; the exit code says whether every shard succeeded."""
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return exit_codes.SHARDS_FAILED if marker == FAILED else exit_codes.OK

@@ -1,0 +1,251 @@
+"""The merge: once every shard is final, one process turns the committed parts into the outputs.
+
+The outputs are assembled in a local temporary directory, in shard order and, within a
+shard, in read order, so their bytes do not depend on how many workers ran or how often
+they were interrupted. Each is then uploaded to its final key (S3 multipart above a few
+parts; atomic either way), and `_SUCCESS` (or `_FAILED`, when shards failed) is written
+last: a run is finished exactly when one of the two exists.
+
+One process merges, chosen by a conditional create of `_run/merge.json`; it renews that
+claim while it works and checks it once more before writing the marker. Should it die,
+another takes the claim over once it expires. A second merge would produce the same bytes,
+so the claim saves work rather than guarding correctness.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from core.outputs import HIGHEST_HEADER, PREDICTION_HEADER, READS_HEADER, ReadSummary, reads_line
+from job.errors import Interrupted
+from job.features import FeatureWriter
+from job.log import get_logger
+from job.parts import decode_features, decode_rows
+from job.plan import Plan, shard_records
+from job.shards import ShardState, read_shard
+from job.store import Store
+
+MERGE_KEY = "_run/merge.json"
+PARTS_PREFIX = "_run/parts/"
+SUCCESS = "_SUCCESS"
+FAILED = "_FAILED"
+PREDICTIONS = "prediction_results.txt"
+HIGHEST = "prediction_results_highestscore.csv"
+READS = "reads.tsv"
+FEATURES = "features.h5"
+DEMO_WARNING = "demo models in use: their scores are meaningless"
+SHARD_FAILED = "shard_failed"  # reads.tsv reason of the reads a failed shard never scored
+
+
+def read_marker(store: Store) -> tuple[str, dict] | None:
+    """('_SUCCESS' or '_FAILED', its summary) once the run is finished, else None."""
+    for name in (SUCCESS, FAILED):
+        stored = store.get(name)
+        if stored is not None:
+            return name, json.loads(stored.data)
+    return None
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What the merge needs besides the store and the plan."""
+
+    write_features: bool
+    feature_dim: int  # DNA + protein embedding width (the classifier's input width)
+    demo_models: bool
+    endpoint_url: str | None
+    lease_seconds: float
+
+
+class MergeClaim:
+    """The right to merge, held through a conditionally written, renewed `_run/merge.json`."""
+
+    def __init__(self, store: Store, owner: str, lease_seconds: float) -> None:
+        self.store, self.owner, self.lease_seconds = store, owner, lease_seconds
+        self.etag: str | None = None
+        self._lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        stored = self.store.get(MERGE_KEY)
+        if stored is None:
+            self.etag = self.store.create(MERGE_KEY, self._body())
+        elif json.loads(stored.data)["expires"] < time.time():  # its merger died: take over
+            self.etag = self.store.replace(MERGE_KEY, self._body(), stored.etag)
+        return self.etag is not None
+
+    def renew(self) -> bool:
+        with self._lock:
+            if self.etag is not None:
+                self.etag = self.store.replace(MERGE_KEY, self._body(), self.etag)
+            return self.etag is not None
+
+    def release(self) -> None:
+        with self._lock:
+            if self.etag is not None:
+                self.store.replace(MERGE_KEY, self._body(expires=0.0), self.etag)
+                self.etag = None
+
+    def _body(self, expires: float | None = None) -> bytes:
+        deadline = time.time() + self.lease_seconds if expires is None else expires
+        return json.dumps({"owner": self.owner, "expires": deadline, "nonce": uuid.uuid4().hex}).encode()
+
+
+class _KeepRenewed(threading.Thread):
+    def __init__(self, claim: MergeClaim) -> None:
+        super().__init__(daemon=True)
+        self.claim = claim
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(min(self.claim.lease_seconds / 3, 10.0)):
+            try:
+                if not self.claim.renew():
+                    return
+            except Exception as exc:  # noqa: BLE001 - retried next interval; checked before the marker
+                get_logger().warning("merge_claim_renewal_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def merge(store: Store, plan: Plan, inputs: MergeInputs, claim: MergeClaim, stop: threading.Event) -> tuple[str, dict]:
+    """Write the final outputs and the marker; returns the marker's name and body."""
+    log = get_logger(run_id=plan.run_id)
+    states = [read_shard(store, shard.index)[0] for shard in plan.shards]
+    assert all(state.final for state in states), "merge started before every shard was final"
+    renewer = _KeepRenewed(claim)
+    renewer.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="virnucpro-merge-") as tmp:
+            summary = _assemble(store, plan, states, inputs, Path(tmp), stop)
+            names = [PREDICTIONS, HIGHEST, READS] + ([FEATURES] if inputs.write_features else [])
+            summary["files"] = {name: _describe(Path(tmp) / name) for name in names}
+            for name in names:
+                if stop.is_set():
+                    raise Interrupted("stopped while uploading the outputs")
+                store.upload(name, str(Path(tmp) / name))
+                log.info("output_written", file=name, **summary["files"][name])
+    finally:
+        renewer.stop()
+    if not claim.renew():
+        raise Interrupted("lost the merge claim to another process; it finishes the run")
+    marker = FAILED if summary["failed_shards"] else SUCCESS
+    store.put(marker, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
+    log.info("run_finished", marker=marker, reads=summary["reads"], frames=summary["frames"])
+    store.delete(store.list(PARTS_PREFIX))
+    return marker, summary
+
+
+def _assemble(
+    store: Store, plan: Plan, states: list[ShardState], inputs: MergeInputs, tmp: Path, stop: threading.Event
+) -> dict:
+    outcomes: Counter[str] = Counter()
+    highest: list[list[str]] = []
+    frames = 0
+    features = _BlockedFeatures(str(tmp / FEATURES), inputs.feature_dim) if inputs.write_features else None
+    with open(tmp / PREDICTIONS, "w") as predictions, open(tmp / READS, "w") as reads:
+        predictions.write(PREDICTION_HEADER)
+        reads.write(READS_HEADER)
+        for shard, state in zip(plan.shards, states):
+            for part in state.parts:
+                if stop.is_set():
+                    raise Interrupted("stopped while merging")
+                rows = decode_rows(_get(store, part.rows))
+                predictions.writelines(rows.predictions)
+                reads.writelines(rows.reads)
+                highest.append(rows.highest)
+                outcomes.update(rows.outcomes)
+                frames += len(rows.predictions)
+                if features is not None and part.features is not None:
+                    features.add(rows.frame_ids, decode_features(_get(store, part.features)))
+            if state.failed:  # its reads that were never scored are still listed, with the reason
+                unscored = islice(shard_records(plan, shard, inputs.endpoint_url), state.reads_done, None)
+                for record in unscored:
+                    reads.write(reads_line(ReadSummary(record.id, len(record.sequence), 0, 0, None, "none", SHARD_FAILED)))
+                    outcomes[SHARD_FAILED] += 1
+    if features is not None:
+        features.close()
+    chunks = 0
+    with open(tmp / HIGHEST, "w") as out:
+        out.write(HIGHEST_HEADER)
+        for line in heapq.merge(*highest, key=lambda line: line.split("\t", 1)[0]):
+            out.write(line)
+            chunks += 1
+    parts = [part for state in states for part in state.parts]
+    summary = {
+        "run_id": plan.run_id,
+        "reads": plan.total_reads,
+        "reads_by_outcome": dict(sorted(outcomes.items())),
+        "frames": frames,
+        "chunks_called": chunks,
+        "shards": len(plan.shards),
+        "failed_shards": [
+            {"shard": state.index, "reads": shard.reads, "attempts": state.attempt, "errors": list(state.errors)}
+            for shard, state in zip(plan.shards, states) if state.failed
+        ],
+        "models": plan.settings,
+        "wall_seconds": round(time.time() - plan.created_at, 3),
+        "worker_seconds": round(sum(part.seconds for part in parts), 3),
+        "gpu_seconds": round(sum(part.seconds for part in parts if part.device.startswith("cuda")), 3),
+        "interruptions": sum(state.interruptions for state in states),
+        "reads_redone": sum(state.redone_reads for state in states),
+        "demo_models": inputs.demo_models,
+    }
+    if inputs.demo_models:
+        summary["warning"] = DEMO_WARNING
+    return summary
+
+
+class _BlockedFeatures:
+    """features.h5 written in fixed blocks of rows: HDF5's file layout follows the sequence
+    of writes, so equal blocks make the bytes depend on the content only, not on how the
+    rows were split into parts."""
+
+    BLOCK_ROWS = 4096
+
+    def __init__(self, path: str, dim: int) -> None:
+        self._writer = FeatureWriter(path, dim)
+        self._ids: list[str] = []
+        self._rows: list[np.ndarray] = []
+
+    def add(self, frame_ids: list[str], features: np.ndarray) -> None:
+        self._ids.extend(frame_ids)
+        self._rows.append(features)
+        if len(self._ids) >= self.BLOCK_ROWS:
+            matrix = np.concatenate(self._rows)
+            whole = len(self._ids) - len(self._ids) % self.BLOCK_ROWS
+            for start in range(0, whole, self.BLOCK_ROWS):
+                self._writer.append(self._ids[start:start + self.BLOCK_ROWS], matrix[start:start + self.BLOCK_ROWS])
+            self._ids, self._rows = self._ids[whole:], [matrix[whole:]]
+
+    def close(self) -> None:
+        if self._ids:
+            self._writer.append(self._ids, np.concatenate(self._rows))
+        self._writer.close()
+
+
+def _get(store: Store, key: str) -> bytes:
+    stored = store.get(key)
+    if stored is None:
+        raise RuntimeError(f"committed part {store.uri}/{key} is missing")
+    return stored.data
+
+
+def _describe(path: Path) -> dict[str, object]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(8 * 2**20):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}

@@ -1,0 +1,103 @@
+"""Model arguments made local and checksummed, so a run can tell whether its models changed.
+
+An `s3://` model (a file, or a directory prefix for DNABERT-S) is downloaded once into the
+model cache and reused while its ETags stay the same. Every model's sha256 (of the file, or
+of the sorted per-file digests of a directory) is recorded in the plan; a name that is
+neither a local path nor an S3 URI (a hub id) is recorded as given.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from job import s3
+from job.errors import BadInput
+
+_BLOCK = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """Where a model argument lives on this machine, and its checksum."""
+
+    source: str  # the argument as given
+    path: str  # local path the loaders read (the source itself for hub ids)
+    sha256: str | None  # None for a name the loader resolves itself
+
+    def identity(self) -> dict[str, str | None]:
+        """What the plan compares on resume: the checksum, or the name when there is none."""
+        return {"sha256": self.sha256} if self.sha256 else {"name": self.source}
+
+
+def localize_model(source: str, cache_dir: str, endpoint_url: str | None) -> LocalModel:
+    if s3.is_s3(source):
+        path, digest = _download(source, Path(cache_dir).expanduser(), endpoint_url)
+        return LocalModel(source, str(path), digest)
+    path = Path(source).expanduser()
+    if path.exists():
+        return LocalModel(source, str(path), sha256_path(path))
+    return LocalModel(source, source, None)
+
+
+def sha256_path(path: Path) -> str:
+    """sha256 of a file, or of 'relative/path digest' lines of every file of a directory."""
+    if path.is_file():
+        return _sha256_file(path)
+    lines = [
+        f"{file.relative_to(path).as_posix()} {_sha256_file(file)}\n"
+        for file in sorted(p for p in path.rglob("*") if p.is_file())
+    ]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(uri: str, cache_dir: Path, endpoint_url: str | None) -> tuple[Path, str]:
+    """The cached copy of `uri` (downloaded when missing or changed) and its sha256."""
+    fs = s3.filesystem(endpoint_url)
+    remote = uri.removeprefix("s3://").rstrip("/")
+    if fs.isfile(remote):
+        files = {"": fs.info(remote)}
+    elif fs.isdir(remote):
+        files = {p[len(remote) + 1:]: fs.info(p) for p in sorted(fs.find(remote))}
+    else:
+        raise BadInput(f"model {uri} does not exist; check the bucket, the key and --s3-endpoint-url")
+    etags = {name: str(info.get("ETag", "")) for name, info in files.items()}
+    entry = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = entry / (Path(remote).name or "model")
+    manifest = entry / "manifest.json"
+    if cached := _cached(manifest, etags):
+        return target, cached
+    staging = cache_dir / f".{entry.name}.{uuid.uuid4().hex}"
+    staged = staging / target.name
+    for name in files:
+        local = staged / name if name else staged
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f"{remote}/{name}" if name else remote, str(local))
+    digest = sha256_path(staged)
+    (staging / "manifest.json").write_text(json.dumps({"uri": uri, "etags": etags, "sha256": digest}))
+    if _cached(manifest, etags):  # another process on this machine finished first
+        shutil.rmtree(staging, ignore_errors=True)
+        return target, digest
+    shutil.rmtree(entry, ignore_errors=True)  # a stale copy: the object changed
+    os.rename(staging, entry)
+    return target, digest
+
+
+def _cached(manifest: Path, etags: dict[str, str]) -> str | None:
+    """The recorded sha256 when the cached copy matches the objects' current ETags."""
+    if not manifest.exists():
+        return None
+    recorded = json.loads(manifest.read_text())
+    return recorded["sha256"] if recorded["etags"] == etags else None

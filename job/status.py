@@ -1,0 +1,78 @@
+"""How far a run is: shards done, leased, pending and failed, throughput and ETA.
+
+Used by `virnucpro status` and by the running job's periodic progress line. It only reads
+the plan and the shard records, so it can be run from anywhere, at any time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from job.merge import read_marker
+from job.plan import Plan, load_plan
+from job.shards import ShardState, read_shard
+from job.store import Store
+
+RATE_WINDOW_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run_id: str
+    shards: int
+    done: int
+    leased: int
+    pending: int
+    failed: int
+    reads: int
+    reads_committed: int
+    reads_per_s: float | None  # committed reads per second over the last few minutes
+    eta_s: float | None
+    finished: str | None  # _SUCCESS or _FAILED once the run is finished
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        rate = "-" if self.reads_per_s is None else f"{self.reads_per_s:.1f} reads/s"
+        eta = "-" if self.eta_s is None else f"{self.eta_s:.0f} s"
+        state = self.finished or "running"
+        return (
+            f"run {self.run_id}: {state}; shards {self.done} done, {self.leased} leased, "
+            f"{self.pending} pending, {self.failed} failed of {self.shards}; reads "
+            f"{self.reads_committed}/{self.reads}; {rate}; ETA {eta}"
+        )
+
+
+def run_status(store: Store, plan: Plan | None = None) -> RunStatus | None:
+    """The run's status, or None when there is no run under the store."""
+    plan = plan or load_plan(store)
+    if plan is None:
+        return None
+    marker = read_marker(store)
+    states = [read_shard(store, shard.index)[0] for shard in plan.shards]
+    return summarize(plan, states, None if marker is None else marker[0])
+
+
+def summarize(plan: Plan, states: list[ShardState], finished: str | None, now: float | None = None) -> RunStatus:
+    now = time.time() if now is None else now
+    committed = sum(state.reads_done for state in states)
+    span = min(RATE_WINDOW_SECONDS, max(now - plan.created_at, 1e-9))
+    recent = sum(
+        part.reads for state in states for part in state.parts if part.committed_at >= now - span
+    )
+    rate = recent / span if recent else None
+    remaining = sum(shard.reads - state.reads_done for shard, state in zip(plan.shards, states) if not state.final)
+    return RunStatus(
+        run_id=plan.run_id,
+        shards=len(states),
+        done=sum(state.done for state in states),
+        leased=sum(state.leased(now) for state in states),
+        pending=sum(not state.final and not state.leased(now) for state in states),
+        failed=sum(state.failed for state in states),
+        reads=plan.total_reads,
+        reads_committed=committed,
+        reads_per_s=None if rate is None else round(rate, 2),
+        eta_s=0.0 if not remaining else (None if rate is None else round(remaining / rate, 1)),
+        finished=finished,
+    )

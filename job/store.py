@@ -1,0 +1,221 @@
+"""Where a run keeps its state and results: an S3 prefix or a local directory.
+
+Everything the batch job shares between processes and machines goes through `Store`, and
+its two operations that decide races are conditional writes:
+
+- `create` succeeds for exactly one writer of a key (S3 If-None-Match: "*"; locally a hard
+  link, which fails when the name exists);
+- `replace` succeeds only while the object still has the ETag the writer read (S3 If-Match;
+  locally the same check under an exclusive file lock, then an atomic rename).
+
+A conditional write can be retried after its response was lost (a 5xx after the object was
+stored): the retry then finds the object already there. Callers therefore write bodies that
+are unique (they carry a nonce), and a refused write whose stored body is byte-identical to
+ours is recognised as our own and reported as a success.
+
+Every write is atomic: readers see the old object or the new one, never a partial one.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from botocore.exceptions import ClientError
+
+from job import s3
+
+PART_SIZE = 64 * 2**20  # S3 multipart part size for large uploads (final outputs)
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes and the ETag a conditional `replace` must name."""
+
+    data: bytes
+    etag: str
+
+
+class Store(Protocol):
+    uri: str
+
+    def get(self, key: str) -> Versioned | None: ...
+    def create(self, key: str, data: bytes) -> str | None: ...
+    def replace(self, key: str, data: bytes, etag: str) -> str | None: ...
+    def put(self, key: str, data: bytes) -> None: ...
+    def upload(self, key: str, path: str) -> None: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, keys: Iterable[str]) -> None: ...
+
+
+def open_store(uri: str, endpoint_url: str | None = None) -> Store:
+    """The store for an output URI: `s3://bucket/prefix` or a local directory."""
+    if s3.is_s3(uri):
+        return S3Store(uri, endpoint_url)
+    return LocalStore(uri)
+
+
+class S3Store:
+    """A prefix in a bucket; boto3 for conditional writes, s3fs for large uploads."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None, part_size: int = PART_SIZE) -> None:
+        self.uri = uri.rstrip("/")
+        self.bucket, prefix = s3.split_uri(self.uri)
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.part_size = part_size
+        self._client = s3.client(endpoint_url)
+        self._fs = s3.filesystem(endpoint_url)
+
+    def get(self, key: str) -> Versioned | None:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise
+        return Versioned(response["Body"].read(), response["ETag"])
+
+    def create(self, key: str, data: bytes) -> str | None:
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def replace(self, key: str, data: bytes, etag: str) -> str | None:
+        return self._conditional_put(key, data, IfMatch=etag)
+
+    def put(self, key: str, data: bytes) -> None:
+        self._client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
+
+    def upload(self, key: str, path: str) -> None:
+        """Multipart upload above two parts (s3fs); the object appears only when complete."""
+        self._fs.put_file(path, f"{self.bucket}/{self.prefix}{key}", chunksize=self.part_size)
+
+    def list(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + prefix
+        )
+        for page in pages:
+            keys.extend(item["Key"][len(self.prefix):] for item in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        batch = [{"Key": self.prefix + key} for key in keys]
+        for start in range(0, len(batch), 1000):
+            self._client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch[start:start + 1000], "Quiet": True}
+            )
+
+    def _conditional_put(self, key: str, data: bytes, **condition: str) -> str | None:
+        for attempt in range(8):
+            try:
+                response = self._client.put_object(
+                    Bucket=self.bucket, Key=self.prefix + key, Body=data, **condition
+                )
+                return response["ETag"]
+            except ClientError as exc:
+                code = _code(exc)
+                if code == "ConditionalRequestConflict":  # a concurrent conditional write: retry
+                    time.sleep(min(0.05 * 2**attempt, 2.0))
+                    continue
+                if code in ("PreconditionFailed", "NoSuchKey", "412", "404"):
+                    return _ours(self.get(key), data)
+                raise
+        raise RuntimeError(f"{self.uri}/{key}: conditional write kept conflicting")
+
+
+class LocalStore:
+    """A directory on one machine's filesystem, with the same atomicity as S3."""
+
+    def __init__(self, uri: str) -> None:
+        self.root = Path(uri).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def get(self, key: str) -> Versioned | None:
+        try:
+            data = (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return Versioned(data, _etag(data))
+
+    def create(self, key: str, data: bytes) -> str | None:
+        path = self.root / key
+        tmp = self._write_temp(path, data)
+        try:
+            os.link(tmp, path)  # fails when the name exists: the local If-None-Match
+        except FileExistsError:
+            return _ours(self.get(key), data)
+        finally:
+            tmp.unlink()
+        return _etag(data)
+
+    def replace(self, key: str, data: bytes, etag: str) -> str | None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.get(key)
+            if current is None or current.etag != etag:
+                return _ours(current, data)
+            os.replace(self._write_temp(path, data), path)
+        return _etag(data)
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        os.replace(self._write_temp(path, data), path)
+
+    def upload(self, key: str, path: str) -> None:
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root / prefix
+        directory = base if prefix.endswith("/") or base.is_dir() else base.parent
+        if not directory.is_dir():
+            return []
+        keys = []
+        for path in directory.rglob("*"):
+            key = path.relative_to(self.root).as_posix()
+            if path.is_file() and key.startswith(prefix) and not _is_internal(path.name):
+                keys.append(key)
+        return sorted(keys)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            (self.root / key).unlink(missing_ok=True)
+
+    @staticmethod
+    def _write_temp(path: Path, data: bytes) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return tmp
+
+
+def _etag(data: bytes) -> str:
+    return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
+
+
+def _ours(current: Versioned | None, data: bytes) -> str | None:
+    """The stored ETag when the stored body is the one we tried to write, else None."""
+    return current.etag if current is not None and current.data == data else None
+
+
+def _is_internal(name: str) -> bool:
+    return name.endswith((".lock", ".tmp"))
+
+
+def _code(exc: ClientError) -> str:
+    error: dict[str, Any] = exc.response.get("Error", {})
+    return str(error.get("Code", ""))

@@ -1,0 +1,115 @@
+"""Plan: deterministic shards across files, run-wide duplicates, refusal of changed inputs."""
+from __future__ import annotations
+
+import gzip
+import os
+import threading
+from pathlib import Path
+
+import boto3
+import pytest
+
+from core.fasta import mark_duplicates, open_fasta
+from job.errors import BadInput
+from job.inputs import resolve_inputs
+from job.plan import Segment, build_plan, load_plan, plan_run, shard_records
+from job.store import LocalStore, open_store
+from job_support import bucket, s3_endpoint  # noqa: F401 (fixtures)
+
+SETTINGS = {"classifier": {"sha256": "abc"}, "chunk_length": 500, "write_features": False}
+
+
+def fasta(path: Path, ids: list[str], gz: bool = False) -> Path:
+    text = "".join(f">{i} some description\nACGTACGTAC\nGTACG\n" for i in ids).encode()
+    path.write_bytes(gzip.compress(text) if gz else text)
+    return path
+
+
+def test_shards_span_files_and_mark_run_wide_duplicates(tmp_path: Path) -> None:
+    fasta(tmp_path / "a.fa", ["r1", "r2", "r3"])
+    fasta(tmp_path / "b.fa.gz", ["r4", "r1", "r5", "r6"], gz=True)
+    (tmp_path / "notes.txt").write_text("not fasta")
+    inputs = resolve_inputs((str(tmp_path),), None)
+    assert [Path(i.uri).name for i in inputs] == ["a.fa", "b.fa.gz"]
+    plan = build_plan(inputs, SETTINGS, 3, None, threading.Event())
+    assert [s.reads for s in plan.shards] == [3, 3, 1]
+    assert plan.shards[1].segments == (Segment(1, 0, 3, None),)  # gzip: no offset
+    assert plan.shards[1].duplicates == (1,)  # r1 again, second read of shard 1
+    ids = [[(r.id, r.status) for r in shard_records(plan, s, None)] for s in plan.shards]
+    assert ids == [
+        [("r1", None), ("r2", None), ("r3", None)],
+        [("r4", None), ("r1", "duplicate_id"), ("r5", None)],
+        [("r6", None)],
+    ]
+    plan2 = build_plan(inputs, SETTINGS, 3, None, threading.Event())
+    assert plan2.run_id == plan.run_id and plan2.shards == plan.shards
+
+
+def test_shard_boundary_inside_a_file(tmp_path: Path) -> None:
+    fasta(tmp_path / "a.fa", ["a1", "a2"])
+    fasta(tmp_path / "b.fa", ["b1", "b2", "b3"])
+    inputs = resolve_inputs((str(tmp_path / "a.fa"), str(tmp_path / "b.fa")), None)
+    plan = build_plan(inputs, SETTINGS, 3, None, threading.Event())
+    record = len(">a1 some description\nACGTACGTAC\nGTACG\n")
+    assert plan.shards[0].segments == (Segment(0, 0, 2, 0), Segment(1, 0, 1, 0))
+    assert plan.shards[1].segments == (Segment(1, 1, 2, record),)
+    assert [r.id for r in shard_records(plan, plan.shards[1], None)] == ["b2", "b3"]
+
+
+def test_resume_refuses_changed_input_and_arguments(tmp_path: Path) -> None:
+    path = fasta(tmp_path / "a.fa", ["r1", "r2"])
+    store = LocalStore(str(tmp_path / "out"))
+    stop = threading.Event()
+    plan = plan_run(store, resolve_inputs((str(path),), None), SETTINGS, 10, None, stop)
+    assert plan_run(store, resolve_inputs((str(path),), None), SETTINGS, 10, None, stop) == plan
+    changed = {**SETTINGS, "chunk_length": 300}
+    with pytest.raises(BadInput, match="--chunk-length differs"):
+        plan_run(store, resolve_inputs((str(path),), None), changed, 10, None, stop)
+    fasta(path, ["r1", "r2", "r3"])
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(BadInput, match=f"input {path} changed"):
+        plan_run(store, resolve_inputs((str(path),), None), SETTINGS, 10, None, stop)
+
+
+def test_missing_and_empty_inputs(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match=f"input {tmp_path / 'nope.fa'} does not exist"):
+        resolve_inputs((str(tmp_path / "nope.fa"),), None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInput, match="holds no FASTA files"):
+        resolve_inputs((str(tmp_path / "empty"),), None)
+    empty = tmp_path / "empty.fa"
+    empty.write_bytes(b"")
+    plan = build_plan(resolve_inputs((str(empty),), None), SETTINGS, 10, None, threading.Event())
+    assert plan.shards == () and plan.total_reads == 0
+
+
+def test_concurrent_planners_agree_on_s3(bucket: str, tmp_path: Path) -> None:  # noqa: F811
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="in/x.fa", Body=fasta(tmp_path / "x.fa", [f"r{i}" for i in range(50)]).read_bytes())
+    s3.put_object(Bucket=bucket, Key="in/y.fasta.gz", Body=gzip.compress(b">y1\nACGT\n"))
+    uri = f"s3://{bucket}/out"
+    plans = []
+
+    def start() -> None:
+        inputs = resolve_inputs((f"s3://{bucket}/in/",), None)
+        plans.append(plan_run(open_store(uri), inputs, SETTINGS, 7, None, threading.Event()))
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(plans) == 3 and plans[0] == plans[1] == plans[2]
+    assert load_plan(open_store(uri)) == plans[0]
+    assert plans[0].total_reads == 51 and len(plans[0].shards) == 8
+    assert [i.uri for i in plans[0].inputs] == [f"s3://{bucket}/in/x.fa", f"s3://{bucket}/in/y.fasta.gz"]
+    assert [r.id for r in shard_records(plans[0], plans[0].shards[-1], None)] == ["r49", "y1"]
+
+
+def test_workers_seek_to_their_shard_in_plain_text(tmp_path: Path) -> None:
+    messy = tmp_path / "messy.fa"
+    messy.write_bytes(b"\r\n>a x\r\nAC\r\n\r\nGT\r\n>b\r\n>c\nacg\n  >d\nTTT\n>e\nA-C\n>a\nGG\n")
+    plan = build_plan(resolve_inputs((str(messy),), None), SETTINGS, 2, None, threading.Event())
+    expected = [(r.id, r.sequence, r.status) for r in mark_duplicates(open_fasta(str(messy)), set())]
+    got = [(r.id, r.sequence, r.status) for s in plan.shards for r in shard_records(plan, s, None)]
+    assert got == expected and all(g.offset is not None for s in plan.shards for g in s.segments)
