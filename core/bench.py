@@ -115,24 +115,12 @@ def synthetic_proteins(count: int, seed: int = 1) -> list[str]:
 
 
 def bpe_tokenizer(vocab: int, reads: int, seed: int = 2):
-    """A DNABERT-style BPE tokenizer ([CLS] $A [SEP], DNABERT-2's special ids) trained on
-    random DNA: the real tokenizer.json cannot be downloaded here."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-
-    from core.dnabert import CLS_TOKEN, SEP_TOKEN, SPECIAL_TOKENS, DNATokenizer
+    """A DNABERT-style BPE tokenizer trained on random DNA: the real tokenizer.json cannot be
+    downloaded here."""
+    from core.dnabert import DNATokenizer, train_bpe_tokenizer
 
     rng = random.Random(seed)
-    corpus = ["".join(rng.choices(BASES, k=500)) for _ in range(reads)]
-    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=list("ACGTN"), show_progress=False)
-    tokenizer.train_from_iterator(corpus, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{CLS_TOKEN} $A {SEP_TOKEN}",
-        special_tokens=[(t, tokenizer.token_to_id(t)) for t in (CLS_TOKEN, SEP_TOKEN)],
-    )
-    return DNATokenizer(tokenizer)
+    return DNATokenizer(train_bpe_tokenizer(["".join(rng.choices(BASES, k=500)) for _ in range(reads)], vocab))
 
 
 # --- measuring --------------------------------------------------------------------------------

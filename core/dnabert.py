@@ -39,7 +39,7 @@ from core import attention as attention_module
 from core.attention import Attention as AttentionBackend
 from core.attention import Segments
 from core.errors import ModelLoadError
-from core.packing import auto_batch_tokens, segment_mean
+from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepare_batches, segment_mean
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -479,23 +479,14 @@ class DNABERTEncoder:
 
     def prepare(self, sequences: Sequence[str]):
         """Host work: tokenize and pack (pinned for the GPU). Safe to call from another thread."""
-        from core.esm2 import prepare_batches
-
         flat, lengths = self.tokenizer.encode_many(sequences)
         return prepare_batches(flat, lengths, self.batch_tokens, pin=self.device.type == "cuda")
 
-    def run(self, prepared) -> tuple[Tensor, Tensor]:
+    def run(self, prepared: PreparedBatches) -> tuple[Tensor, Tensor]:
         """Device work: ([n, dim] float32 embeddings, [n] bool all-finite) on the device."""
-        out = torch.empty(prepared.count, self.dim, dtype=torch.float32, device=self.device)
-        with torch.inference_mode():
-            for host_batch, host_order in zip(prepared.batches, prepared.orders):
-                batch = host_batch.to(self.device)
-                order = host_order.to(self.device, non_blocking=True)
-                out[order] = self._pooled(batch)
-            finite = torch.isfinite(out).all(dim=1)
-        return out, finite
+        return prepared.pool(self.device, self.dim, self._pooled)
 
-    def _pooled(self, batch) -> Tensor:
+    def _pooled(self, batch: PackedBatch) -> Tensor:
         if self.engine is None:
             hidden = self.model(batch.tokens, batch.cu_seqlens, batch.max_seqlen, batch.bounds)
             return segment_mean(hidden, batch.cu_seqlens)
@@ -605,7 +596,8 @@ def write_demo_model(directory: str | Path, *, layers: int = 2, hidden: int = 64
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_demo_tokenizer(vocab, seed)
+    rng = random.Random(seed)
+    tokenizer = train_bpe_tokenizer(["".join(rng.choice("ACGT") for _ in range(300)) for _ in range(300)], vocab)
     tokenizer.save(str(directory / TOKENIZER_FILE))
     config = DNABERTConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden,
                            num_hidden_layers=layers, num_attention_heads=heads,
@@ -619,9 +611,9 @@ def write_demo_model(directory: str | Path, *, layers: int = 2, hidden: int = 64
     return directory
 
 
-def _train_demo_tokenizer(vocab: int, seed: int) -> Tokenizer:
-    rng = random.Random(seed)
-    corpus = ["".join(rng.choice("ACGT") for _ in range(300)) for _ in range(300)]
+def train_bpe_tokenizer(corpus: Sequence[str], vocab: int) -> Tokenizer:
+    """A DNABERT-style BPE tokenizer ([CLS] $A [SEP], DNABERT-2's special ids) trained on
+    `corpus`: for demo models and the benchmark, where the real tokenizer.json is absent."""
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL_TOKENS),

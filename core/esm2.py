@@ -15,7 +15,6 @@ import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import esm
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 from core import attention as attention_module
 from core.attention import Attention, Segments
 from core.errors import ModelLoadError, NonFiniteEmbedding
-from core.packing import PackedBatch, auto_batch_tokens, pack_flat, segment_ids, segment_mean
+from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepare_batches, segment_ids, segment_mean
 
 DEFAULT_BATCH_TOKENS = 4096  # tokens per packed batch when the caller gives no budget
 POOLED_RESIDUES = 1024  # the published pooling averages at most this many residues
@@ -326,24 +325,6 @@ def _engine_for(model: ESM2, dtype: torch.dtype) -> FastESM2:
     return engine
 
 
-@dataclass
-class PreparedBatches:
-    """Sequences tokenized and packed on the host (pinned when bound for a GPU)."""
-
-    batches: list[PackedBatch]
-    orders: list[Tensor]  # int64 copy of each batch's order, pinned alongside
-    count: int
-
-
-def prepare_batches(flat: np.ndarray, lengths: np.ndarray, budget: int, pin: bool) -> PreparedBatches:
-    batches = pack_flat(flat, lengths, budget) if len(lengths) else []
-    orders = [torch.tensor(b.order, dtype=torch.int64) for b in batches]
-    if pin:
-        batches = [b.pin_memory() for b in batches]
-        orders = [o.pin_memory() for o in orders]
-    return PreparedBatches(batches, orders, len(lengths))
-
-
 def flatten_token_lists(token_lists: Sequence[Sequence[int]] | Sequence[Tensor]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
     if not len(token_lists):
@@ -456,14 +437,7 @@ class ESM2Encoder:
     def run(self, prepared: PreparedBatches) -> tuple[Tensor, Tensor]:
         """Device work: ([n, dim] float32 embeddings, [n] bool all-finite), both on the device,
         in input order; nothing is read back to the host."""
-        out = torch.empty(prepared.count, self.dim, dtype=torch.float32, device=self.device)
-        with torch.inference_mode():
-            for host_batch, host_order in zip(prepared.batches, prepared.orders):
-                batch = host_batch.to(self.device)
-                order = host_order.to(self.device, non_blocking=True)
-                out[order] = self._pooled(batch)
-            finite = torch.isfinite(out).all(dim=1)
-        return out, finite
+        return prepared.pool(self.device, self.dim, self._pooled)
 
     def _pooled(self, batch: PackedBatch) -> Tensor:
         if self.engine is None:

@@ -8,7 +8,7 @@ output back to one vector per sequence.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -227,3 +227,33 @@ def segment_mean(
     sums = torch.zeros(len(counts), width, dtype=torch.float32, device=hidden.device)
     sums.index_add_(0, owner, values)
     return sums / counts.clamp(min=1)[:, None].to(torch.float32)
+
+
+@dataclass
+class PreparedBatches:
+    """Sequences tokenized and packed on the host (pinned when bound for a GPU)."""
+
+    batches: list[PackedBatch]
+    orders: list[Tensor]  # int64 copy of each batch's order, pinned alongside
+    count: int
+
+    def pool(self, device: torch.device, dim: int, pooled: Callable[[PackedBatch], Tensor]) -> tuple[Tensor, Tensor]:
+        """Run `pooled` on each batch on `device`: ([count, dim] float32 in input order,
+        [count] bool all-finite), both left on the device so nothing waits for the host."""
+        out = torch.empty(self.count, dim, dtype=torch.float32, device=device)
+        with torch.inference_mode():
+            for host_batch, host_order in zip(self.batches, self.orders):
+                batch = host_batch.to(device)
+                order = host_order.to(device, non_blocking=True)
+                out[order] = pooled(batch)
+            finite = torch.isfinite(out).all(dim=1)
+        return out, finite
+
+
+def prepare_batches(flat: np.ndarray, lengths: np.ndarray, budget: int, pin: bool) -> PreparedBatches:
+    batches = pack_flat(flat, lengths, budget) if len(lengths) else []
+    orders = [torch.tensor(b.order, dtype=torch.int64) for b in batches]
+    if pin:
+        batches = [b.pin_memory() for b in batches]
+        orders = [o.pin_memory() for o in orders]
+    return PreparedBatches(batches, orders, len(lengths))
