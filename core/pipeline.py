@@ -122,7 +122,7 @@ class Predictor:
         chunks = {
             i: chunk_record(r.id, r.sequence, self.chunk_length)
             for i, r in enumerate(records)
-            if r.status is None and len(r.sequence) >= 3
+            if r.status is None
         }
         flat = [chunk for read_chunks in chunks.values() for chunk in read_chunks]
         frames = [frame for chunk_frames in open_frames(flat) for frame in chunk_frames]

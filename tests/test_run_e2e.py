@@ -130,6 +130,8 @@ def test_malformed_corpus_gives_documented_statuses(name: str, demo_models, tmp_
         assert reasons[read_id][0] == (reason or "") or (reason is None and reasons[read_id][0] == "no_open_frame")
     if name == "duplicates.fa":
         assert reasons["d"][1] == "duplicate_id"
+    if name == "one_bp.fa":
+        assert [row[2] for row in rows] == ["1", "1"]  # one chunk each, no codon in it
 
 
 @pytest.mark.parametrize(("data", "words"), [(b"\x00\x01binary", "binary"), (b"ACGT\n", "before the first"), (b">\nAC\n", "no id")])
