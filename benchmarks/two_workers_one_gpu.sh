@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6, single-GPU part: two workers pinned to one GPU must not corrupt each other, and the
 # worker count must follow the visible GPUs. Runs the real job (demo models, local paths) on
-# 3,000 synthetic 500-bp reads three ways and compares the outputs byte for byte:
+# synthetic 500-bp reads (3,000, or READS) three ways and compares the outputs byte for byte:
 #   A: default workers (one per visible GPU)   B: --workers 2 on the same GPU
 #   C: CUDA_VISIBLE_DEVICES="" --device cpu    (worker count falls back to 1, on the CPU)
 #   D: A again                                 (run-to-run repeatability on the GPU, for scale)
@@ -10,11 +10,11 @@ work=${1:-/tmp/two-workers}
 rm -rf "$work" && mkdir -p "$work"
 vnp() { python3 -m job.cli "$@"; }
 vnp make-demo-models "$work/models" 2>/dev/null
-python3 - "$work/reads.fa" <<'PY'
+python3 - "$work/reads.fa" "${READS:-3000}" <<'PY'
 import random, sys
 rng = random.Random(6)
 with open(sys.argv[1], "w") as out:
-    for i in range(3000):
+    for i in range(int(sys.argv[2])):
         alphabet = "ACG" if i % 3 else "ACGT"  # two thirds stop-free: every frame open
         out.write(f">read_{i}\n{''.join(rng.choice(alphabet) for _ in range(500))}\n")
 PY
@@ -51,6 +51,8 @@ for n in "AB":
 workers = {}
 for line in open(f"{w}/B.log"):
     e = json.loads(line)
+    if e.get("event") == "engine_ready":
+        print("B: engine ready at", e["timestamp"], "after a warm-up of", e["warm_up_seconds"], "s")
     if e.get("event") == "shard_done":
         workers.setdefault(e["worker"], 0); workers[e["worker"]] += 1
 print("B: shards done per worker:", workers)

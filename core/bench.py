@@ -494,9 +494,11 @@ def run_bench(device_name: str = "cuda", json_path: str | None = None, quick: bo
             with torch.device(device):
                 ours_model = ESM2(esm_layers, sizes.esm_dim, sizes.esm_heads, len(alphabet), alphabet.mask_idx)
         esm_encoder = ESM2Encoder(ours_model, alphabet, device, None, **engine_options)
+        warm_up_seconds, _, _ = clock.time(esm_encoder.warm_up)
         data["esm_engine"] = {"backend": esm_encoder.backend, "attention_note": esm_encoder.attention.note,
-                              "batch_tokens": esm_encoder.batch_tokens}
-        print(f"  ours: {esm_encoder.backend}, batch_tokens {esm_encoder.batch_tokens}"
+                              "batch_tokens": esm_encoder.batch_tokens, "warm_up_seconds": warm_up_seconds}
+        print(f"  ours: {esm_encoder.backend}, batch_tokens {esm_encoder.batch_tokens}, "
+              f"warm-up (compile) {warm_up_seconds:.1f} s"
               + (f" (skipped: {esm_encoder.attention.note})" if esm_encoder.attention.note else ""))
         flat, lengths = esm_encoder.tokenize_many(proteins)
         token_lists = np.split(flat, np.cumsum(lengths)[:-1])
@@ -585,9 +587,11 @@ def run_bench(device_name: str = "cuda", json_path: str | None = None, quick: bo
         reference = None  # free the fp32 copy
 
         dna_encoder = DNABERTEncoder(model, tokenizer, device, None, **engine_options)
+        warm_up_seconds, _, _ = clock.time(dna_encoder.warm_up)
         data["dna_engine"] = {"backend": dna_encoder.backend, "attention_note": dna_encoder.attention.note,
-                              "batch_tokens": dna_encoder.batch_tokens}
-        print(f"  ours: {dna_encoder.backend}, batch_tokens {dna_encoder.batch_tokens}"
+                              "batch_tokens": dna_encoder.batch_tokens, "warm_up_seconds": warm_up_seconds}
+        print(f"  ours: {dna_encoder.backend}, batch_tokens {dna_encoder.batch_tokens}, "
+              f"warm-up (compile, every bucket) {warm_up_seconds:.1f} s"
               + (f" (skipped: {dna_encoder.attention.note})" if dna_encoder.attention.note else ""))
         prepared = dna_encoder.prepare(frame_nucleotides)
         clock.time(lambda: dna_encoder.run(prepared)[0].cpu())  # compiles every bucket this set needs
@@ -639,7 +643,7 @@ def run_bench(device_name: str = "cuda", json_path: str | None = None, quick: bo
                 return count
 
             passes = []
-            for _ in range(3 if label == "default" else 2):  # the first pass after loading is slower: see host/gc
+            for _ in range(3 if label == "default" else 2):
                 predictor.timings = dict.fromkeys(predictor.timings, 0.0)
                 with GcTimer() as gc_timer:
                     seconds, peak, counted = clock.time(whole)

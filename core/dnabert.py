@@ -501,6 +501,25 @@ class DNABERTEncoder:
         hidden = self.engine.hidden(tokens, segments, attention, self.compile)
         return segment_mean(hidden[: batch.total], batch.cu_seqlens, validate=False)
 
+    def warm_up(self) -> None:
+        """Compile now for every padded size a batch can have (FlexAttention is compiled once
+        per token bucket, the rest of the layer once for all sizes), so that no batch waits
+        on the compiler in the middle of a run. Nothing to do for an eager engine."""
+        if self.engine is None or not self.compile:
+            return
+        top = self.attention.pads_to(self.batch_tokens)
+        totals = {min(self.attention.pads_to(1), self.batch_tokens), self.batch_tokens}
+        size = self.attention.pads_to(1)
+        while size < top:  # one batch per bucket (flex); other backends pad nothing
+            size *= 2
+            totals.add(min(size, self.batch_tokens))
+        for total in sorted(totals):
+            lengths = np.full(max(1, total // 100), 100, dtype=np.int64)
+            lengths[-1] += total - int(lengths.sum())
+            flat = np.full(total, self.tokenizer.sep_id, dtype=np.int64)
+            out, _ = self.run(prepare_batches(flat, lengths, self.batch_tokens, pin=self.device.type == "cuda"))
+            out.cpu()
+
     def embed(self, sequences: Sequence[str]) -> Tensor:
         """[n, dim] float32 CPU embeddings in input order: mean over all tokens of each."""
         from core.esm2 import raise_if_not_finite

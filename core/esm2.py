@@ -245,8 +245,8 @@ def compile_state(compile: bool, parts) -> str:
 
 
 def default_compile(device: torch.device) -> bool:
-    """torch.compile the engine's per-layer pieces on CUDA (VIRNUCPRO_COMPILE=0 turns it off)."""
-    return device.type == "cuda" and os.environ.get("VIRNUCPRO_COMPILE", "1") != "0"
+    """torch.compile the engine's per-layer pieces on CUDA; the CPU path runs eagerly."""
+    return device.type == "cuda"
 
 
 class FastESM2:
@@ -445,6 +445,15 @@ class ESM2Encoder:
         segments = Segments(batch.cu_seqlens, batch.bounds, batch.max_seqlen, batch.total)
         hidden = self.engine.hidden(batch, segments, self.attention, self.compile)
         return segment_mean(hidden, batch.cu_seqlens, 1, 1, POOLED_RESIDUES, validate=False)
+
+    def warm_up(self) -> None:
+        """Compile now, so that no real batch waits on the compiler: two batches of different
+        sizes, after which the one dynamic-shape graph serves every batch. Nothing to do for
+        an eager engine."""
+        if self.engine is None or not self.compile:
+            return
+        for count in (3, 24):
+            self._finish(self.run(self.prepare(["M" + "A" * 60] * count)))
 
     def embed(self, proteins: Sequence[str]) -> Tensor:
         """[len(proteins), dim] float32 on the CPU, in input order."""

@@ -207,7 +207,8 @@ def segment_mean(
     [start + start_offset, min(end - end_offset, start + start_offset + max_len)):
     start_offset=1, end_offset=1 drops a leading <cls> and trailing <eos>, and max_len
     caps how many rows count (ESM-2's published pooling stops after 1024 residues).
-    Defaults pool every row. Sums accumulate in float32 whatever hidden's dtype is.
+    Defaults pool every row. Sums accumulate in float32 whatever hidden's dtype is, in the
+    same order every time (the same input gives the same bits on the GPU too).
     validate=False skips the check that every window is non-empty (a device-to-host sync on
     the GPU); callers that pass it have checked the lengths on the host.
     """
@@ -225,7 +226,10 @@ def segment_mean(
     pooled = (rows >= lows[owner]) & (rows < highs[owner])
     values = torch.where(pooled[:, None], hidden.float(), 0.0)
     sums = torch.zeros(len(counts), width, dtype=torch.float32, device=hidden.device)
-    sums.index_add_(0, owner, values)
+    if hidden.is_cuda:  # index_add_ adds with atomics there, in an order that varies run to run;
+        sums.index_put_((owner,), values, accumulate=True)  # this sorts, then sums in a fixed order
+    else:
+        sums.index_add_(0, owner, values)
     return sums / counts.clamp(min=1)[:, None].to(torch.float32)
 
 

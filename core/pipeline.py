@@ -91,6 +91,15 @@ class Predictor:
         return {"dnabert": self.dnabert.backend, "esm": self.esm.backend,
                 "device": str(self.esm.device)}
 
+    def warm_up(self) -> float:
+        """Compile both encoders for every batch shape they will meet; seconds spent (about
+        zero unless they run compiled on a GPU). Without it, the first minutes of a run pay
+        for compilation batch by batch."""
+        started = time.perf_counter()
+        self.dnabert.warm_up()
+        self.esm.warm_up()
+        return time.perf_counter() - started
+
     def predict(self, records: Iterable[Record], with_features: bool = False) -> Iterator[ReadResult]:
         records = iter(records)
         pending: _Group | None = None  # queued on the device, results not yet taken
@@ -218,14 +227,18 @@ def load_predictor(
     force_chunk_length: bool = False,
     device: str = "auto",
     batch_tokens: int | None = None,
+    compile: bool = True,
 ) -> Predictor:
-    """Load the three models from local paths (or names the libraries can resolve)."""
+    """Load the three models from local paths (or names the libraries can resolve).
+
+    compile=False keeps the GPU engine eager (slower; for debugging the compiler away)."""
     target = resolve_device(device)
     scorer = load_classifier(classifier, target)
     length = check_chunk_length(scorer, chunk_length, force_chunk_length)
+    compiled = None if compile else False  # None: compiled on CUDA, eager on the CPU
     return Predictor(
-        load_dnabert(dnabert_model, target, batch_tokens),
-        load_esm2(esm_model, target, batch_tokens),
+        load_dnabert(dnabert_model, target, batch_tokens, compile=compiled),
+        load_esm2(esm_model, target, batch_tokens, compile=compiled),
         scorer,
         length,
     )

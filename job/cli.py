@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force-chunk-length", action="store_true", help="allow a chunk length the classifier was not trained for")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--batch-tokens", type=int, help="tokens per packed batch (default: from free memory)")
+    run.add_argument("--no-compile", dest="compile", action="store_false", help="run the GPU engine without torch.compile (slower; to rule the compiler out)")
     run.add_argument("--write-features", action="store_true", help="also write features.h5")
     batch = run.add_argument_group("batch job")
     batch.add_argument("--workers", type=int, help="worker processes (default: one per visible GPU, else 1)")
@@ -142,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         force_chunk_length=args.force_chunk_length,
         device=args.device,
         batch_tokens=args.batch_tokens,
+        compile=args.compile,
         write_features=args.write_features,
         workers=args.workers,
         slot=slot,

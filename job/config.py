@@ -21,6 +21,7 @@ class RunConfig:
     force_chunk_length: bool = False
     device: str = "auto"  # auto | cpu | cuda
     batch_tokens: int | None = None  # None: derived from free device memory
+    compile: bool = True  # torch.compile the GPU engine (no effect on the CPU)
     write_features: bool = False
     # Batch-job steering (issue 4): sharding, leases, checkpoints, signals, storage.
     workers: int | None = None  # None: one per visible GPU, else 1

@@ -253,13 +253,18 @@ def main(argv: list[str]) -> int:
     try:
         predictor = load_predictor(
             config.esm_model, config.dnabert_model, config.classifier, config.chunk_length,
-            config.force_chunk_length, config.device, config.batch_tokens,
+            config.force_chunk_length, config.device, config.batch_tokens, config.compile,
         )
         predictor.group_reads = config.group_reads
         device = str(resolve_device(config.device))
     except (ModelLoadError, FileNotFoundError, ValueError) as exc:  # a model that cannot be loaded
         get_logger().error("models_not_loaded", error=str(exc))
         return exit_codes.BAD_INPUT
+    warm_up_seconds = predictor.warm_up()
+    get_logger(run_id=plan.run_id).info(
+        "engine_ready", **predictor.engine, batch_tokens=predictor.esm.batch_tokens,
+        warm_up_seconds=round(warm_up_seconds, 1),
+    )
     return Worker(spec, store, plan, predictor, device, stop).run()
 
 

@@ -126,6 +126,24 @@ def test_dnabert_engine_matches_reference_path(dna_dir, dna_reads, backend):
     assert relative_errors(engine.embed(dna_reads), expected).max() <= 1e-5
 
 
+def test_dnabert_warm_up_meets_every_flex_bucket_a_batch_can_pad_to(dna_dir, dna_reads, monkeypatch):
+    fresh = load_dnabert(str(dna_dir), CPU)
+    encoder = DNABERTEncoder(fresh.model, fresh.tokenizer, CPU, 1000, engine=True, attention="flex", compile=False)
+    padded = []
+    monkeypatch.setattr(encoder, "_pooled", lambda batch: padded.append(encoder.attention.pads_to(batch.total))
+                        or torch.zeros(len(batch.order), encoder.dim))
+    encoder.warm_up()
+    assert padded == [], "an eager engine has nothing to compile"
+    encoder.compile = True
+    encoder.warm_up()
+    assert sorted(padded) == [128, 256, 512, 1024]  # CPU flex buckets start at one 128-row block
+    met = set(padded)
+    padded.clear()
+    for count in range(1, len(dna_reads) + 1):  # whatever a run packs lands in a bucket met already
+        encoder.run(encoder.prepare(dna_reads[:count]))
+    assert padded and set(padded) <= met
+
+
 def test_dnabert_fast_tokenizer_matches_encode(dna_dir, dna_reads):
     tokenizer = load_dnabert(str(dna_dir), CPU).tokenizer
     flat, lengths = tokenizer.encode_many(dna_reads)
@@ -208,3 +226,21 @@ def test_a_read_error_still_answers_the_reads_before_it(tmp_path):
         for result in predictor.predict(records()):
             answered.append(result.summary.read_id)
     assert answered == ["r0", "r1"]
+
+
+def test_no_compile_flows_from_the_command_line_to_the_encoders(tmp_path, monkeypatch):
+    import job.batch
+    from core.pipeline import load_predictor
+    from job.cli import main
+
+    assert main(["make-demo-models", str(tmp_path)]) == 0
+    models = [str(tmp_path / "esm2_demo.pt"), str(tmp_path / "dnabert_demo"), str(tmp_path / "classifier_500.pth")]
+    configs = []
+    monkeypatch.setattr(job.batch, "run_batch", lambda config: configs.append(config) or 0)
+    common = ["run", "--input", "x.fa", "--output", str(tmp_path / "out"), "--esm-model", models[0],
+              "--dnabert-model", models[1], "--classifier", models[2]]
+    assert main(common) == 0 and main([*common, "--no-compile"]) == 0
+    assert [config.compile for config in configs] == [True, False]
+    for compile in (True, False):  # the CPU engine runs eagerly either way
+        predictor = load_predictor(*models, device="cpu", compile=compile)
+        assert not predictor.esm.compile and not predictor.dnabert.compile

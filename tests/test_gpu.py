@@ -106,7 +106,9 @@ def test_esm2_selected_backend_and_budget_from_free_memory(esm_setup):
     encoder = ESM2Encoder(model, alphabet, CUDA, None)
     assert encoder.attention.name in ("flash_attn", "varlen", "sdpa_padded")
     assert 1024 <= encoder.batch_tokens <= 65536
-    cosine, relative = compare(encoder.embed(proteins[::-1]), expected.flip(0))
+    reversed_once = encoder.embed(proteins[::-1])
+    assert torch.equal(encoder.embed(proteins[::-1]), reversed_once), "the same input must give the same bits"
+    cosine, relative = compare(reversed_once, expected.flip(0))
     SUMMARY.append(f"ESM-2 3B  selected: {encoder.backend}, batch_tokens {encoder.batch_tokens}, reversed input: "
                    f"min cosine {cosine:.7f}, max rel err {relative:.2e}; skipped: {encoder.attention.note or '-'}")
     assert cosine >= MIN_COSINE
@@ -152,7 +154,24 @@ def test_dnabert_selected_backend(dna_setup):
     model, tokenizer, reads, expected = dna_setup
     encoder = DNABERTEncoder(model, tokenizer, CUDA, None)
     assert encoder.attention.name in ("flash_attn", "flex", "sdpa_padded")
-    cosine, relative = compare(encoder.embed(reads), expected)
+    once = encoder.embed(reads)
+    assert torch.equal(encoder.embed(reads), once), "the same input must give the same bits"
+    cosine, relative = compare(once, expected)
     SUMMARY.append(f"DNABERT-S selected: {encoder.backend}, batch_tokens {encoder.batch_tokens}: min cosine "
                    f"{cosine:.7f}, max rel err {relative:.2e}; skipped: {encoder.attention.note or '-'}")
     assert cosine >= MIN_COSINE
+
+
+def test_segment_mean_gives_the_same_bits_every_time():
+    from core.packing import segment_mean
+
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    lengths = torch.randint(3, 400, (600,), generator=generator, device=CUDA)
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=CUDA)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    hidden = torch.randn(int(cu_seqlens[-1]), 2560, generator=generator, device=CUDA, dtype=torch.float16)
+    first = segment_mean(hidden, cu_seqlens, 1, 1, 1024)
+    for _ in range(20):  # atomics would reorder the float32 sums, and change the last bits
+        assert torch.equal(segment_mean(hidden, cu_seqlens, 1, 1, 1024), first)
+    expected = torch.stack([hidden[int(a) + 1:int(b) - 1].float().mean(0) for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])])
+    assert torch.allclose(first, expected, rtol=1e-5, atol=1e-6)
