@@ -1,20 +1,25 @@
-"""The whole job at full size on one GPU: `virnucpro run` against ESM-2 alone (issue 3).
+"""The whole job at full size: `virnucpro run` against ESM-2 alone (issue 3), and its scaling
+over the GPUs of one host (issue 6).
 
 Writes ESM-2 3B, DNABERT-S and a classifier with random weights in the published file
-formats, synthetic 500-bp reads with one or two open frames each (the bench's), runs the
-real job on them (`python -m job.cli run --device cuda`, local paths, a subprocess), then
-embeds the same frames' proteins with ESM-2 alone, and prints frames/s of both.
+formats and synthetic 500-bp reads with one or two open frames each (the bench's), then for
+each GPU count n runs the real job (`python -m job.cli run --device cuda`, local paths, a
+subprocess) with CUDA_VISIBLE_DEVICES set to the first n GPUs, so it starts one worker per
+GPU over `--reads-per-gpu` x n reads; finally it embeds one run's proteins with ESM-2 alone.
 
-    python3 benchmarks/full_size_run.py --work /tmp/full-size --reads 12000
+    python3 benchmarks/full_size_run.py --work /tmp/full-size --reads-per-gpu 12000
+    python3 benchmarks/full_size_run.py --gpus 1 2 4 8      # on a host with 8 GPUs
 
-The job's frames/s is taken over the span from its shard's claim to its completion
-(reading, chunking, both encoders, classifier, parts committed), after model loading and
-compilation, which the log reports separately.
+A run's frames/s is taken from the first shard claimed to the last shard done (reading,
+chunking, both encoders, classifier, parts committed), after model loading and
+compilation, which each worker's "time to first batch" shows. Scaling efficiency is
+frames/s over n times the one-GPU frames/s.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -44,14 +49,13 @@ def write_models(models: Path) -> dict[str, str]:
     return {name: str(path) for name, path in paths.items()}
 
 
-def log_events(path: Path) -> dict[str, list[dict]]:
-    events: dict[str, list[dict]] = {}
+def log_events(path: Path) -> list[dict]:
+    events = []
     for line in path.read_text().splitlines():
         try:
-            event = json.loads(line)
+            events.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-        events.setdefault(event.get("event", ""), []).append(event)
     return events
 
 
@@ -59,47 +63,57 @@ def stamp(event: dict) -> float:
     return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/full-size")
-    parser.add_argument("--reads", type=int, default=12000)
-    args = parser.parse_args()
-    work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    models = write_models(work / "models")
-    reads = synthetic_reads(args.reads)
-    fasta = work / "reads.fa"
+def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_reads: int) -> dict:
+    """One job over `reads` on the first `gpus` GPUs; its figures from the log and _SUCCESS."""
+    run_dir = work / f"gpus{gpus}"
+    run_dir.mkdir(parents=True)
+    fasta, output, log = run_dir / "reads.fa", run_dir / "out", run_dir / "job.log"
     fasta.write_text("".join(f">{r.id}\n{r.sequence}\n" for r in reads))
-
-    output, log = work / "out", work / "job.log"
     command = [sys.executable, "-m", "job.cli", "run", "--input", str(fasta), "--output", str(output),
                "--esm-model", models["esm"], "--dnabert-model", models["dnabert"],
-               "--classifier", models["classifier"], "--device", "cuda"]
-    print("$ " + " ".join(command), flush=True)
+               "--classifier", models["classifier"], "--device", "cuda", "--shard-reads", str(shard_reads)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
+    print(f"$ CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} " + " ".join(command), flush=True)
     started = time.perf_counter()
     with open(log, "w") as stderr:
-        code = subprocess.run(command, stderr=stderr, stdout=subprocess.DEVNULL).returncode
-    job_wall = time.perf_counter() - started
+        code = subprocess.run(command, stderr=stderr, stdout=subprocess.DEVNULL, env=env).returncode
+    wall = time.perf_counter() - started
     if code != 0:
         print(log.read_text()[-4000:])
-        raise SystemExit(f"the job exited {code}")
+        raise SystemExit(f"the job on {gpus} GPU(s) exited {code}")
     events = log_events(log)
     summary = json.loads((output / "_SUCCESS").read_text())
-    ready = events["engine_ready"][0]
-    claimed, done = stamp(events["shard_claimed"][0]), stamp(events["shard_done"][-1])
-    frames = summary["frames"]
-    job_rate = frames / (done - claimed)
-    print(f"job: exit 0, {summary['reads']} reads, {frames} frames, wall {job_wall:.1f} s; engine "
-          f"{ready['esm']} / {ready['dnabert']}, warm-up {ready['warm_up_seconds']} s; shard claimed -> done "
-          f"{done - claimed:.2f} s = {job_rate:,.0f} frames/s (parts' own seconds: {summary['gpu_seconds']} s)")
+    launched = stamp(next(e for e in events if e.get("event") == "workers_started"))
+    workers: dict[str, dict] = {}
+    for event in events:
+        worker = event.get("worker")
+        if worker is None:
+            continue
+        seen = workers.setdefault(worker, {"shards": 0})
+        if event["event"] == "shard_claimed":
+            seen.setdefault("first_batch_s", round(stamp(event) - launched, 1))
+        elif event["event"] == "shard_done":
+            seen["shards"] += 1
+        elif event["event"] == "worker_finished":
+            seen["peak_gpu_gib"] = event.get("peak_gpu_gib")
+    claims = [stamp(e) for e in events if e.get("event") == "shard_claimed"]
+    dones = [stamp(e) for e in events if e.get("event") == "shard_done"]
+    seconds = max(dones) - min(claims)
+    warm_ups = [e["warm_up_seconds"] for e in events if e.get("event") == "engine_ready"]
+    result = {"gpus": gpus, "workers": len(workers), "reads": summary["reads"], "frames": summary["frames"],
+              "shards": summary["shards"], "seconds": round(seconds, 2), "frames_per_s": summary["frames"] / seconds,
+              "wall_s": round(wall, 1), "warm_up_s": warm_ups, "per_worker": list(workers.values())}
+    print(f"  {gpus} GPU(s): {result['workers']} workers, {result['reads']} reads, {result['frames']} frames in "
+          f"{seconds:.2f} s = {result['frames_per_s']:,.0f} frames/s; wall {wall:.1f} s; warm-ups {warm_ups} s; "
+          f"per worker {result['per_worker']}", flush=True)
+    return result
 
-    chunks = [c for r in reads for c in chunk_record(r.id, r.sequence, 500)]
-    proteins = [f.protein for kept in open_frames(chunks) for f in kept]
-    device = torch.device("cuda")
-    esm = load_esm2(models["esm"], device)
+
+def esm_alone(esm_path: str, proteins: list[str]) -> float:
+    """ESM-2 alone on the same proteins, on GPU 0, best of two: frames/s."""
+    esm = load_esm2(esm_path, torch.device("cuda"))
     esm.warm_up()
     esm.embed(proteins[:2000])
-    torch.cuda.synchronize()
     runs = []
     for _ in range(2):
         torch.cuda.synchronize()
@@ -107,10 +121,48 @@ def main() -> int:
         esm.embed(proteins)
         torch.cuda.synchronize()
         runs.append(time.perf_counter() - started)
-    esm_rate = len(proteins) / min(runs)
-    print(f"ESM-2 alone on the same {len(proteins)} proteins: {min(runs):.2f} s (runs {[round(r, 2) for r in runs]}) "
-          f"= {esm_rate:,.0f} frames/s")
-    print(f"job / ESM-2 alone: {100 * job_rate / esm_rate:.1f}%")
+    print(f"ESM-2 alone on the same {len(proteins)} proteins: {min(runs):.2f} s "
+          f"(runs {[round(r, 2) for r in runs]}) = {len(proteins) / min(runs):,.0f} frames/s")
+    return len(proteins) / min(runs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/full-size")
+    parser.add_argument("--reads-per-gpu", type=int, default=12000)
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to run (default: 1)")
+    parser.add_argument("--shards-per-gpu", type=int, default=4)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    available = torch.cuda.device_count()
+    if max(args.gpus) > available:
+        raise SystemExit(f"asked for {max(args.gpus)} GPUs, {available} visible")
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    models = write_models(work / "models")
+    runs = []
+    for gpus in args.gpus:
+        reads = synthetic_reads(args.reads_per_gpu * gpus)
+        shard_reads = max(1, len(reads) // (args.shards_per_gpu * gpus))
+        runs.append(run_job(work, models, gpus, reads, shard_reads))
+
+    reads = synthetic_reads(args.reads_per_gpu)
+    chunks = [c for r in reads for c in chunk_record(r.id, r.sequence, 500)]
+    esm_rate = esm_alone(models["esm"], [f.protein for kept in open_frames(chunks) for f in kept])
+    one = next((r for r in runs if r["gpus"] == 1), None)
+    print("| GPUs | workers | frames | frames/s | vs ESM-2 alone on one GPU | scaling efficiency | "
+          "time to first batch per worker (s) | peak GPU GiB per worker |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    for run in runs:
+        run["vs_esm_alone"] = run["frames_per_s"] / esm_rate
+        run["efficiency"] = run["frames_per_s"] / (run["gpus"] * one["frames_per_s"]) if one else None
+        efficiency = f"{100 * run['efficiency']:.1f}%" if one else "-"
+        first = ", ".join(str(w.get("first_batch_s")) for w in run["per_worker"])
+        peaks = ", ".join(str(w.get("peak_gpu_gib")) for w in run["per_worker"])
+        print(f"| {run['gpus']} | {run['workers']} | {run['frames']} | {run['frames_per_s']:,.0f} | "
+              f"{100 * run['vs_esm_alone']:.1f}% | {efficiency} | {first} | {peaks} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"esm_alone_frames_per_s": esm_rate, "runs": runs}, indent=2))
     return 0
 
 

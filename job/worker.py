@@ -101,12 +101,18 @@ class Worker:
             if lease is not None:
                 self._process(lease)
             elif len(final) == len(order):
-                self.log.info("worker_finished")
+                self.log.info("worker_finished", **self._memory())
                 return exit_codes.OK
             else:  # the rest is leased by others: wait for them to finish, or for a lease to expire
                 self.stop.wait(poll)
-        self.log.info("worker_stopped")
+        self.log.info("worker_stopped", **self._memory())
         return exit_codes.INTERRUPTED
+
+    def _memory(self) -> dict[str, float]:
+        """Peak GPU memory this worker allocated, for the log (nothing on the CPU)."""
+        if not self.device.startswith("cuda"):
+            return {}
+        return {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
     def _next_lease(self, order: list[int], final: set[int]) -> Lease | None:
         for index in order:
