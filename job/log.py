@@ -19,9 +19,15 @@ def configure() -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         # One write per line: the workers share the parent's stderr, and print() would
         # write the newline separately, letting lines of two processes run together.
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+def _stderr_logger(*_args: object) -> structlog.WriteLogger:
+    """A logger writing to sys.stderr as it is when the logger is made, not as it was when
+    `configure` ran: whoever swaps the stream later (pytest between tests) is followed."""
+    return structlog.WriteLogger(sys.stderr)
 
 
 def get_logger(**context: object) -> structlog.typing.FilteringBoundLogger:
