@@ -507,13 +507,15 @@ class DNABERTEncoder:
         on the compiler in the middle of a run. Nothing to do for an eager engine."""
         if self.engine is None or not self.compile:
             return
-        top = self.attention.pads_to(self.batch_tokens)
-        totals = {min(self.attention.pads_to(1), self.batch_tokens), self.batch_tokens}
-        size = self.attention.pads_to(1)
-        while size < top:  # one batch per bucket (flex); other backends pad nothing
-            size *= 2
-            totals.add(min(size, self.batch_tokens))
-        for total in sorted(totals):
+        limit, smallest = self.batch_tokens, self.attention.pads_to(1)
+        if smallest == 1:  # no padding buckets: two sizes settle the one dynamic-shape graph
+            totals = [max(1, limit // 2), limit]
+        else:  # one batch per power-of-two bucket, up to the budget's
+            totals = [smallest]
+            while totals[-1] < self.attention.pads_to(limit):
+                totals.append(totals[-1] * 2)
+            totals = [min(total, limit) for total in totals]
+        for total in totals:
             lengths = np.full(max(1, total // 100), 100, dtype=np.int64)
             lengths[-1] += total - int(lengths.sum())
             flat = np.full(total, self.tokenizer.sep_id, dtype=np.int64)

@@ -86,10 +86,11 @@ class Predictor:
         return (self.dnabert.dim, self.esm.dim) != (PUBLISHED_DNA_DIM, PUBLISHED_PROTEIN_DIM)
 
     @property
-    def engine(self) -> dict[str, str]:
-        """What runs where, for the log: each encoder's precision, attention backend, compile state."""
+    def engine(self) -> dict[str, object]:
+        """What runs where, for the log: each encoder's precision, attention backend, compile
+        state, and token budget per packed batch."""
         return {"dnabert": self.dnabert.backend, "esm": self.esm.backend,
-                "device": str(self.esm.device)}
+                "device": str(self.esm.device), "batch_tokens": self.esm.batch_tokens}
 
     def warm_up(self) -> float:
         """Compile both encoders for every batch shape they will meet; seconds spent (about

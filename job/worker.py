@@ -90,6 +90,8 @@ class Worker:
 
     def run(self) -> int:
         config = self.config
+        warm_up_seconds = self.predictor.warm_up()
+        self.log.info("engine_ready", **self.predictor.engine, warm_up_seconds=round(warm_up_seconds, 1))
         self.log.info("worker_started", device=self.device, slot=config.slot, slots=config.slots)
         order = claim_order(
             len(self.plan.shards), config.slot or 0, config.slots or 1, self.spec.worker, self.spec.workers
@@ -266,11 +268,6 @@ def main(argv: list[str]) -> int:
     except (ModelLoadError, FileNotFoundError, ValueError) as exc:  # a model that cannot be loaded
         get_logger().error("models_not_loaded", error=str(exc))
         return exit_codes.BAD_INPUT
-    warm_up_seconds = predictor.warm_up()
-    get_logger(run_id=plan.run_id).info(
-        "engine_ready", **predictor.engine, batch_tokens=predictor.esm.batch_tokens,
-        warm_up_seconds=round(warm_up_seconds, 1),
-    )
     return Worker(spec, store, plan, predictor, device, stop).run()
 
 
