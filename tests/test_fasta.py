@@ -108,3 +108,11 @@ def test_memory_does_not_grow_with_file_size() -> None:
         tracemalloc.stop()
         assert count == n
     assert peaks[1] < 1.5 * peaks[0] + 64 * 1024  # 10x the input, about the same peak
+
+
+def test_every_command_has_help(capsys) -> None:  # noqa: ANN001
+    for command in ("translate", "run", "status", "make-demo-models", "convert-classifier", "bench"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: virnucpro {command}" in capsys.readouterr().out

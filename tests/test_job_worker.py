@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -139,3 +140,62 @@ def test_two_workers_share_without_overlap(tmp_path: Path) -> None:
     states = [read_shard(store, i)[0] for i in range(13)]
     assert all(s.done and s.attempt == 1 for s in states)
     assert len({s.parts[0].rows.split("/")[-1].split("-a")[0] for s in states}) == 2  # both worked
+
+
+def test_status_counts_shards_and_projects_the_eta(tmp_path: Path) -> None:
+    from job.plan import load_plan
+    from job.shards import Part, ShardState
+    from job.status import summarize
+
+    run, store = make_run(tmp_path, 29, shard_reads=10)  # 30 records: shards of 10, 10, 10
+    plan = load_plan(store)
+    now = plan.created_at + 100.0
+
+    def part(reads: int, at: float) -> Part:
+        return Part("rows", None, reads, reads, 1.0, at, "cpu")
+
+    states = [
+        ShardState(0, parts=(part(10, now - 50),), done=True),
+        ShardState(1, owner="w", expires=now + 60, parts=(part(5, now - 10),)),  # half done, leased
+        ShardState(2),  # pending
+    ]
+    status = summarize(plan, states, None, now=now)
+    assert (status.done, status.leased, status.pending, status.failed) == (1, 1, 1, 0)
+    assert status.reads == 30 and status.reads_committed == 15
+    assert status.reads_per_s == 0.15  # 15 reads committed in the 100 s since planning
+    assert status.eta_s == 100.0  # 15 reads left at that rate
+    assert "ETA 100 s" in status.line() and "0.1 reads/s" in status.line()
+    expired = summarize(plan, states, None, now=now + 61)  # the lease has run out: pending again
+    assert (expired.leased, expired.pending) == (0, 2)
+    done = summarize(plan, [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)], "_SUCCESS", now=now)
+    assert done.eta_s == 0.0 and done.finished == "_SUCCESS"
+
+
+def test_a_working_shard_renews_its_lease_and_logs_progress(monkeypatch) -> None:  # noqa: ANN001
+    import job.worker
+    from job.shards import ShardState
+
+    class Lease:
+        state = ShardState(0)
+        renewals: list[int] = []
+
+        def renew(self, lease_seconds: float, processed: int) -> bool:
+            self.renewals.append(processed)
+            return True
+
+    class Log:
+        events: list[tuple[str, dict]] = []
+
+        def info(self, event: str, **fields: object) -> None:
+            self.events.append((event, fields))
+
+        warning = info
+
+    monkeypatch.setattr(job.worker, "PROGRESS_SECONDS", 0.0)  # a line at every renewal, not every 30 s
+    lease, log = Lease(), Log()
+    renewer = job.worker._Renewer(lease, 0.3, 7, log)  # renews every 0.1 s
+    renewer.start()
+    time.sleep(0.45)
+    renewer.stop()
+    assert len(lease.renewals) >= 2 and set(lease.renewals) == {7}
+    assert ("shard_progress", {"processed": 7, "committed": 0}) in log.events
