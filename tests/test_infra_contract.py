@@ -91,3 +91,13 @@ def test_batch_job_definition_retries_interruptions_only() -> None:
     assert not environment & CREDENTIAL_VARIABLES
     # The job definition supplies the models; each submission adds INPUT_URI and OUTPUT_URI.
     assert entrypoint_required_variables() - environment == {"INPUT_URI", "OUTPUT_URI"}
+
+
+def test_every_container_and_infra_file_is_documented() -> None:
+    docs = (ROOT / "README.md").read_text() + (ROOT / "infra/README.md").read_text()
+    assert "infra/README.md" in (ROOT / "README.md").read_text()
+    files = [ROOT / "Dockerfile", ROOT / "entrypoint.sh", ROOT / ".dockerignore"]
+    files += [path for path in (ROOT / "infra").rglob("*") if path.is_file() and ".terraform" not in path.parts
+              and not path.name.startswith(".terraform")]
+    undocumented = [str(path.relative_to(ROOT)) for path in files if path.name not in docs]
+    assert not undocumented, f"name these in README.md or infra/README.md: {undocumented}"
