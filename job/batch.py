@@ -3,9 +3,13 @@
 One run lives under its output URI (see README, "Batch job"). Every process that runs the
 command does the same thing, so starting it again, or on N machines at once, is safe:
 
-1. plan the run, or adopt the plan already there (refusing changed inputs or arguments);
-2. start the workers (one per visible GPU, or --workers on CPU) and wait until every shard
-   is done or failed, by them or by workers elsewhere;
+1. write the plan's header, or adopt the one already there (refusing changed inputs or
+   arguments), and start the planner thread: the one starter holding `_run/planner.json`
+   scans the inputs and publishes shards as it goes (job/plan.py); the others stand by to
+   take over should it die;
+2. start the workers (one per visible GPU, or --workers on CPU) right away: they claim
+   shards as they are published, and the command waits until the plan is complete and
+   every shard is done or failed, by them or by workers elsewhere;
 3. merge, unless another process holds the merge, in which case wait for its marker.
 
 SIGTERM, SIGINT or a spot notice stop it: the workers get SIGTERM, commit what they have and
@@ -31,9 +35,9 @@ from job.config import RunConfig
 from job.errors import BadInput, Interrupted
 from job.inputs import resolve_inputs
 from job.log import get_logger
-from job.merge import DEMO_WARNING, FAILED, MergeClaim, MergeInputs, merge, read_marker
+from job.merge import DEMO_WARNING, FAILED, KeepRenewed, MergeClaim, MergeInputs, merge, read_marker
 from job.models import LocalModel, localize_model
-from job.plan import Plan, plan_run
+from job.plan import PLANNER_KEY, Plan, Planner, load_plan, plan_header
 from job.spot import SpotWatcher
 from job.status import run_status
 from job.store import Store, open_store
@@ -91,9 +95,9 @@ class _BatchRun:
             "write_features": self.config.write_features,
             "group_reads": self.config.group_reads,
         }
-        plan = plan_run(store, inputs, settings, self.config.shard_reads, self.endpoint, self.stop)
-        self.log = self.log.bind(run_id=plan.run_id)
-        self.log.info("run_planned", shards=len(plan.shards), reads=plan.total_reads, inputs=len(plan.inputs))
+        header = plan_header(store, inputs, settings, self.config.shard_reads, self.endpoint)
+        self.log = self.log.bind(run_id=header.run_id)
+        self.log.info("run_planned", shard_reads=header.shard_reads, inputs=len(header.inputs), input_bytes=header.input_bytes)
         demo_models = feature_dim != PUBLISHED_DNA_DIM + PUBLISHED_PROTEIN_DIM
         if demo_models:
             self.log.warning("demo_models", message=DEMO_WARNING)
@@ -104,15 +108,25 @@ class _BatchRun:
             classifier=models["classifier"].path,
             chunk_length=chunk_length,
         )
-        if not _all_final(store, plan):
-            codes = self._run_workers(store, plan, worker_config)
-            if self.stop.is_set():
-                raise Interrupted("stopped while the workers ran")
-            if not _all_final(store, plan):
-                if codes and all(code == exit_codes.BAD_INPUT for code in codes):
-                    return exit_codes.BAD_INPUT
-                self.log.error("workers_exited_early", exit_codes=codes, message="rerun the same command to resume")
-                return exit_codes.INTERNAL_ERROR
+        planner = _PlanThread(store, header, self.endpoint, self.stop, self.owner, self.config.lease_seconds)
+        planner.start()
+        try:
+            plan = load_plan(store, header)
+            assert plan is not None
+            if not (plan.complete and _all_final(store, plan)):
+                codes = self._run_workers(store, plan, worker_config)
+                if self.stop.is_set():
+                    raise Interrupted("stopped while the workers ran")
+                plan = self._complete_plan(store, plan, planner)
+                if not _all_final(store, plan):
+                    if exit_codes.BAD_INPUT in codes:
+                        return exit_codes.BAD_INPUT  # the worker printed why
+                    self.log.error("workers_exited_early", exit_codes=codes, message="rerun the same command to resume")
+                    return exit_codes.INTERNAL_ERROR
+            plan = self._complete_plan(store, plan, planner)
+        finally:
+            planner.finish()
+        self.log.info("plan_loaded", shards=len(plan.shards), reads=plan.total_reads)
         merge_inputs = MergeInputs(
             write_features=self.config.write_features,
             feature_dim=feature_dim,
@@ -121,6 +135,20 @@ class _BatchRun:
             lease_seconds=self.config.lease_seconds,
         )
         return _report(*self._finish(store, plan, merge_inputs))
+
+    def _complete_plan(self, store: Store, plan: Plan, planner: _PlanThread) -> Plan:
+        """The whole plan, once the planner (here or elsewhere) has published it."""
+        while True:
+            loaded = load_plan(store, plan)
+            assert loaded is not None
+            if loaded.error:
+                raise BadInput(loaded.error)
+            if loaded.complete:
+                return loaded
+            if planner.exception is not None:
+                raise planner.exception
+            if self.stop.wait(0.2):
+                raise Interrupted("stopped while planning")
 
     def _run_workers(self, store: Store, plan: Plan, config: RunConfig) -> list[int]:
         gpus = _visible_gpus(config)
@@ -140,12 +168,15 @@ class _BatchRun:
                 deadline = time.monotonic() + self.config.grace_seconds + KILL_MARGIN_SECONDS
                 self.log.warning("stopping_workers", grace_seconds=self.config.grace_seconds)
                 _signal_all(processes, signal.SIGTERM)
+            if deadline is None and any(process.returncode == exit_codes.BAD_INPUT for process in processes):
+                deadline = time.monotonic() + self.config.grace_seconds + KILL_MARGIN_SECONDS
+                _signal_all(processes, signal.SIGTERM)  # a worker met bad input: the run stops
             if deadline is not None and time.monotonic() > deadline:
                 self.log.error("killing_workers", message="workers did not stop within the grace period")
                 _signal_all(processes, signal.SIGKILL)
             if time.monotonic() - last_progress >= PROGRESS_SECONDS:
                 last_progress = time.monotonic()
-                status = run_status(store, plan)
+                status = run_status(store)
                 if status is not None:
                     self.log.info("progress", **status.as_dict())
             time.sleep(0.2)
@@ -167,6 +198,47 @@ class _BatchRun:
                     raise
             self.stop.wait(poll)
         return marker
+
+
+class _PlanThread(threading.Thread):
+    """Plans the run when this process holds the planner claim; stands by otherwise, and
+    takes the claim over when the planner holding it stops renewing it."""
+
+    def __init__(
+        self, store: Store, plan: Plan, endpoint: str | None, stop: threading.Event, owner: str, lease_seconds: float,
+    ) -> None:
+        super().__init__(daemon=True, name="planner")
+        self.store, self.plan, self.endpoint, self.stop = store, plan, endpoint, stop
+        self.claim = MergeClaim(store, owner, lease_seconds, key=PLANNER_KEY)
+        self.exception: BaseException | None = None
+        self._finished = threading.Event()
+        self._poll = min(lease_seconds / 4, 2.0)
+
+    def run(self) -> None:
+        try:
+            while not (self.stop.is_set() or self._finished.is_set()):
+                plan = load_plan(self.store, self.plan)
+                if plan is None or plan.complete or plan.error:
+                    return
+                if self.claim.acquire():
+                    renewer = KeepRenewed(self.claim)
+                    renewer.start()
+                    try:
+                        Planner(self.store, self.plan, self.endpoint, self.stop).scan()
+                    finally:
+                        renewer.stop()
+                        self.claim.release()
+                    return
+                self._finished.wait(self._poll)
+        except Interrupted:
+            return
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            get_logger(run_id=self.plan.run_id).error("planner_error", error=f"{type(exc).__name__}: {exc}")
+            self.exception = exc
+
+    def finish(self) -> None:
+        self._finished.set()
+        self.join(timeout=30)
 
 
 def _inspect_classifier(model: LocalModel, config: RunConfig) -> tuple[int, int]:
@@ -202,6 +274,8 @@ def _check_writable(store: Store, owner: str) -> None:
 
 
 def _all_final(store: Store, plan: Plan) -> bool:
+    if not plan.complete:
+        return False
     status = run_status(store, plan)
     return status is not None and status.done + status.failed == status.shards
 

@@ -1,25 +1,31 @@
-"""Input FASTA objects: URIs expanded to files, fingerprinted, and streamed as records.
+"""Input read files: URIs expanded to files, fingerprinted, and opened at a byte range.
 
 A URI is a local file or directory, or an S3 object or prefix. A directory or prefix stands
-for the FASTA files under it (by name: .fa, .fasta, .fna, .ffn, .fas, .seq, each optionally
-.gz), in sorted order, so the same arguments always give the same reads in the same order.
-A fingerprint (size and S3 ETag or local mtime) tells a resumed run whether an input
-changed under it.
+for the read files under it (by name: FASTA .fa, .fasta, .fna, .ffn, .fas, .seq and FASTQ
+.fastq, .fq, each optionally .gz), in sorted order, so the same arguments always give the
+same reads in the same order; the format itself is told by content (core/reads.py).
+
+A fingerprint tells a resumed run whether an input changed under it: size plus, for S3,
+the ETag, and for a local file its modification time, change time and inode (an edit that
+keeps the size and restores the mtime still changes the ctime; a replaced file has a new
+inode). Every read of an S3 input names the planned ETag (GET If-Match), so a machine
+already working never reads an object overwritten since the plan: S3 answers 412 and the
+run stops with the changed-input error (exit 65).
 """
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from core.fasta import Record, read_fasta
+from botocore.exceptions import ClientError
+
 from job import s3
 from job.errors import BadInput
 
 GZIP_MAGIC = b"\x1f\x8b"
-FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".ffn", ".fas", ".seq")
+READ_SUFFIXES = (".fa", ".fasta", ".fna", ".ffn", ".fas", ".seq", ".fastq", ".fq")
 READ_BLOCK = 8 * 2**20
 
 
@@ -29,10 +35,20 @@ class InputObject:
 
     uri: str
     size: int
-    version: str  # S3 ETag, or the local modification time in ns
+    version: str  # S3 ETag, or local "mtime_ns:ctime_ns:inode"
 
     def fingerprint(self) -> dict[str, object]:
         return {"uri": self.uri, "size": self.size, "version": self.version}
+
+
+class InputChanged(BadInput):
+    """An input is no longer the object the run planned (exit 65)."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(
+            f"input {uri} changed while the run was using it (it no longer has the planned "
+            "version); restore it, or start a new run with another --output"
+        )
 
 
 def resolve_inputs(uris: tuple[str, ...], endpoint_url: str | None) -> list[InputObject]:
@@ -43,7 +59,7 @@ def resolve_inputs(uris: tuple[str, ...], endpoint_url: str | None) -> list[Inpu
         found = _s3_objects(fs, uri) if s3.is_s3(uri) else _local_objects(uri)
         if not found:
             raise BadInput(
-                f"input {uri} holds no FASTA files (names ending in {', '.join(FASTA_SUFFIXES)}, "
+                f"input {uri} holds no read files (names ending in {', '.join(READ_SUFFIXES)}, "
                 "optionally .gz); name the files themselves or check the prefix"
             )
         objects.extend(found)
@@ -57,63 +73,63 @@ def stat_input(obj: InputObject, endpoint_url: str | None) -> InputObject:
     return _local_objects(obj.uri)[0]
 
 
-def read_records(obj: InputObject, endpoint_url: str | None, offset: int = 0) -> Iterator[Record]:
-    """The records of one input, streamed (plain or gzip); a plain-text input can start at
-    `offset`, the byte offset of a header line (from `indexed_records`)."""
-    with _open(obj.uri, endpoint_url) as stream:
-        if offset:
-            stream.seek(offset)
-        yield from read_fasta(stream, obj.uri)
+def open_input(obj: InputObject, endpoint_url: str | None, start: int = 0, end: int | None = None) -> BinaryIO:
+    """The input's raw bytes `start` .. `end` (exclusive; None: to the end), as planned.
+
+    A local file that no longer matches its fingerprint, or an S3 object whose ETag is not
+    the planned one, raises `InputChanged`.
+    """
+    if s3.is_s3(obj.uri):
+        bucket, key = s3.split_uri(obj.uri)
+        request = {"Bucket": bucket, "Key": key, "IfMatch": obj.version}
+        if start or end is not None:
+            request["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        if end is not None and end <= start:
+            return io.BytesIO(b"")
+        try:
+            body = s3.client(endpoint_url).get_object(**request)["Body"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "NoSuchKey"):
+                raise InputChanged(obj.uri) from None
+            raise
+        return io.BufferedReader(_Body(body), READ_BLOCK)  # type: ignore[arg-type]
+    if _local_objects(obj.uri)[0] != obj:
+        raise InputChanged(obj.uri)
+    handle = open(obj.uri, "rb")
+    handle.seek(start)
+    if end is None:
+        return handle
+    with handle:
+        return io.BytesIO(handle.read(end - start))
 
 
-def indexed_records(obj: InputObject, endpoint_url: str | None) -> Iterator[tuple[Record, int | None]]:
-    """The records of one input, each with the byte offset of its header line, so that a
-    worker can seek straight to its shard; None for gzip input, which cannot seek."""
-    with _open(obj.uri, endpoint_url) as raw:
-        stream = io.BufferedReader(raw, READ_BLOCK) if not hasattr(raw, "peek") else raw  # type: ignore[arg-type]
-        if stream.peek(2)[:2] == GZIP_MAGIC:
-            for record in read_fasta(stream, obj.uri):
-                yield record, None
-            return
-        lines = _HeaderOffsets(stream)
-        for record in read_fasta(lines, obj.uri):  # type: ignore[arg-type]
-            yield record, lines.offsets.pop(record.line)
+class _Body(io.RawIOBase):
+    """A botocore streaming body as a raw stream (so it can be buffered and peeked)."""
+
+    def __init__(self, body) -> None:  # noqa: ANN001 (botocore StreamingBody)
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001
+        data = self._body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._body.close()
+        super().close()
 
 
-class _HeaderOffsets:
-    """Lines of a plain-text stream; remembers where each header line starts until its
-    record has been read."""
-
-    def __init__(self, stream: io.BufferedReader) -> None:
-        self._stream = stream
-        self.offsets: dict[int, int] = {}  # line number -> byte offset
-
-    def peek(self, size: int = 0) -> bytes:
-        return self._stream.peek(size)
-
-    def __iter__(self) -> Iterator[bytes]:
-        offset = 0
-        for number, line in enumerate(self._stream, start=1):
-            if line.lstrip().startswith(b">"):
-                self.offsets[number] = offset
-            offset += len(line)
-            yield line
-
-
-def _open(uri: str, endpoint_url: str | None) -> BinaryIO:
-    if s3.is_s3(uri):
-        return s3.filesystem(endpoint_url).open(uri, "rb", block_size=READ_BLOCK, cache_type="readahead")
-    return open(uri, "rb")
-
-
-def _is_fasta(name: str) -> bool:
-    return name.lower().removesuffix(".gz").endswith(FASTA_SUFFIXES)
+def _is_reads(name: str) -> bool:
+    return name.lower().removesuffix(".gz").endswith(READ_SUFFIXES)
 
 
 def _local_objects(uri: str) -> list[InputObject]:
     path = Path(uri).expanduser().absolute()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_fasta(p.name))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_reads(p.name))
     elif path.is_file():
         files = [path]
     else:
@@ -121,7 +137,7 @@ def _local_objects(uri: str) -> list[InputObject]:
     objects = []
     for file in files:
         stat = file.stat()
-        objects.append(InputObject(str(file), stat.st_size, str(stat.st_mtime_ns)))
+        objects.append(InputObject(str(file), stat.st_size, f"{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"))
     return objects
 
 
@@ -131,7 +147,7 @@ def _s3_objects(fs, uri: str) -> list[InputObject]:  # noqa: ANN001 (s3fs.S3File
         if fs.isfile(path):
             infos = [fs.info(path)]
         elif fs.isdir(path):
-            infos = [fs.info(p) for p in sorted(fs.find(path)) if _is_fasta(p)]
+            infos = [fs.info(p) for p in sorted(fs.find(path)) if _is_reads(p)]
         else:
             infos = None
     except PermissionError as exc:

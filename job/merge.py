@@ -20,10 +20,14 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -32,8 +36,8 @@ from job.errors import Interrupted
 from job.features import FeatureWriter
 from job.log import get_logger
 from job.parts import decode_features, decode_rows
-from job.plan import Plan, shard_records
-from job.shards import ShardState, read_shard
+from job.plan import INPUT_COPIES, Plan, shard_records
+from job.shards import Part, ShardState, read_shard
 from job.store import Store
 
 MERGE_KEY = "_run/merge.json"
@@ -46,6 +50,11 @@ READS = "reads.tsv"
 FEATURES = "features.h5"
 DEMO_WARNING = "demo models in use: their scores are meaningless"
 SHARD_FAILED = "shard_failed"  # reads.tsv reason of the reads a failed shard never scored
+EMPTY_WARNING = "some inputs hold no reads: check that the right files were given"
+FETCH_THREADS = 8  # parts downloaded in parallel
+PREFETCH_PARTS = 32  # parts fetched ahead of the one being written (bounds memory)
+RUN_ROWS = 500_000  # highest-score rows sorted in memory per run on disk
+MAX_OPEN_RUNS = 128  # runs merged at once
 
 
 def read_marker(store: Store) -> tuple[str, dict] | None:
@@ -69,31 +78,32 @@ class MergeInputs:
 
 
 class MergeClaim:
-    """The right to merge, held through a conditionally written, renewed `_run/merge.json`."""
+    """The right to merge (or to plan, with `key` `_run/planner.json`), held through a
+    conditionally written, renewed object."""
 
-    def __init__(self, store: Store, owner: str, lease_seconds: float) -> None:
-        self.store, self.owner, self.lease_seconds = store, owner, lease_seconds
+    def __init__(self, store: Store, owner: str, lease_seconds: float, key: str = MERGE_KEY) -> None:
+        self.store, self.owner, self.lease_seconds, self.key = store, owner, lease_seconds, key
         self.etag: str | None = None
         self._lock = threading.Lock()
 
     def acquire(self) -> bool:
-        stored = self.store.get(MERGE_KEY)
+        stored = self.store.get(self.key)
         if stored is None:
-            self.etag = self.store.create(MERGE_KEY, self._body())
+            self.etag = self.store.create(self.key, self._body())
         elif json.loads(stored.data)["expires"] < time.time():  # its merger died: take over
-            self.etag = self.store.replace(MERGE_KEY, self._body(), stored.etag)
+            self.etag = self.store.replace(self.key, self._body(), stored.etag)
         return self.etag is not None
 
     def renew(self) -> bool:
         with self._lock:
             if self.etag is not None:
-                self.etag = self.store.replace(MERGE_KEY, self._body(), self.etag)
+                self.etag = self.store.replace(self.key, self._body(), self.etag)
             return self.etag is not None
 
     def release(self) -> None:
         with self._lock:
             if self.etag is not None:
-                self.store.replace(MERGE_KEY, self._body(expires=0.0), self.etag)
+                self.store.replace(self.key, self._body(expires=0.0), self.etag)
                 self.etag = None
 
     def _body(self, expires: float | None = None) -> bytes:
@@ -101,7 +111,7 @@ class MergeClaim:
         return json.dumps({"owner": self.owner, "expires": deadline, "nonce": uuid.uuid4().hex}).encode()
 
 
-class _KeepRenewed(threading.Thread):
+class KeepRenewed(threading.Thread):
     def __init__(self, claim: MergeClaim) -> None:
         super().__init__(daemon=True)
         self.claim = claim
@@ -123,9 +133,10 @@ class _KeepRenewed(threading.Thread):
 def merge(store: Store, plan: Plan, inputs: MergeInputs, claim: MergeClaim, stop: threading.Event) -> tuple[str, dict]:
     """Write the final outputs and the marker; returns the marker's name and body."""
     log = get_logger(run_id=plan.run_id)
-    states = [read_shard(store, shard.index)[0] for shard in plan.shards]
-    assert all(state.final for state in states), "merge started before every shard was final"
-    renewer = _KeepRenewed(claim)
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        states = list(pool.map(lambda shard: read_shard(store, shard.index)[0], plan.shards))
+    assert plan.complete and all(state.final for state in states), "merge started before every shard was final"
+    renewer = KeepRenewed(claim)
     renewer.start()
     try:
         with tempfile.TemporaryDirectory(prefix="virnucpro-merge-") as tmp:
@@ -144,7 +155,7 @@ def merge(store: Store, plan: Plan, inputs: MergeInputs, claim: MergeClaim, stop
     marker = FAILED if summary["failed_shards"] else SUCCESS
     store.put(marker, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
     log.info("run_finished", marker=marker, reads=summary["reads"], frames=summary["frames"])
-    store.delete(store.list(PARTS_PREFIX))
+    store.delete(store.list(PARTS_PREFIX) + store.list(INPUT_COPIES))
     return marker, summary
 
 
@@ -152,38 +163,37 @@ def _assemble(
     store: Store, plan: Plan, states: list[ShardState], inputs: MergeInputs, tmp: Path, stop: threading.Event
 ) -> dict:
     outcomes: Counter[str] = Counter()
-    highest: list[list[str]] = []
     frames = 0
     features = _BlockedFeatures(str(tmp / FEATURES), inputs.feature_dim) if inputs.write_features else None
+    highest = _SortedRuns(tmp / "runs")
+    parts = [part for state in states for part in state.parts]
+    fetched = _prefetch(store, parts, inputs.write_features)
     with open(tmp / PREDICTIONS, "w") as predictions, open(tmp / READS, "w") as reads:
         predictions.write(PREDICTION_HEADER)
         reads.write(READS_HEADER)
         for shard, state in zip(plan.shards, states):
-            for part in state.parts:
+            for _part in state.parts:
                 if stop.is_set():
                     raise Interrupted("stopped while merging")
-                rows = decode_rows(_get(store, part.rows))
+                rows_data, features_data = next(fetched)
+                rows = decode_rows(rows_data)
                 predictions.writelines(rows.predictions)
                 reads.writelines(rows.reads)
-                highest.append(rows.highest)
+                highest.add(rows.highest)
                 outcomes.update(rows.outcomes)
                 frames += len(rows.predictions)
-                if features is not None and part.features is not None:
-                    features.add(rows.frame_ids, decode_features(_get(store, part.features)))
+                if features is not None and features_data is not None:
+                    features.add(rows.frame_ids, decode_features(features_data))
             if state.failed:  # its reads that were never scored are still listed, with the reason
-                unscored = islice(shard_records(plan, shard, inputs.endpoint_url), state.reads_done, None)
+                unscored = islice(shard_records(plan, shard, inputs.endpoint_url, store), state.reads_done, None)
                 for record in unscored:
                     reads.write(reads_line(ReadSummary(record.id, len(record.sequence), 0, 0, None, "none", SHARD_FAILED)))
                     outcomes[SHARD_FAILED] += 1
     if features is not None:
         features.close()
-    chunks = 0
     with open(tmp / HIGHEST, "w") as out:
         out.write(HIGHEST_HEADER)
-        for line in heapq.merge(*highest, key=lambda line: line.split("\t", 1)[0]):
-            out.write(line)
-            chunks += 1
-    parts = [part for state in states for part in state.parts]
+        chunks = highest.write_merged(out)
     summary = {
         "run_id": plan.run_id,
         "reads": plan.total_reads,
@@ -205,7 +215,87 @@ def _assemble(
     }
     if inputs.demo_models:
         summary["warning"] = DEMO_WARNING
+    if plan.empty_inputs:
+        summary["empty_inputs"] = list(plan.empty_inputs)
+        summary["empty_inputs_warning"] = EMPTY_WARNING
     return summary
+
+
+def _prefetch(store: Store, parts: list[Part], with_features: bool) -> Iterator[tuple[bytes, bytes | None]]:
+    """The parts' bytes in order, fetched PREFETCH_PARTS ahead by a pool of threads."""
+
+    def fetch(part: Part) -> tuple[bytes, bytes | None]:
+        features = _get(store, part.features) if with_features and part.features is not None else None
+        return _get(store, part.rows), features
+
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        pending: deque[Future] = deque()
+        for part in parts:
+            pending.append(pool.submit(fetch, part))
+            if len(pending) >= PREFETCH_PARTS:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _chunk_id(line: str) -> str:
+    return line.split("\t", 1)[0]
+
+
+class _SortedRuns:
+    """The highest-score rows as sorted runs on local disk, merged k-way at the end.
+
+    Rows are buffered up to RUN_ROWS, sorted and written as one run; at the end the runs
+    are merged MAX_OPEN_RUNS at a time (more levels when there are more runs), so memory
+    holds one buffer whatever the number of reads. Chunk ids are unique in a run, so the
+    merged order is the same as one sort of every row.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir()
+        self.runs: list[Path] = []
+        self._rows: list[str] = []
+
+    def add(self, rows: list[str]) -> None:
+        self._rows.extend(rows)
+        if len(self._rows) >= RUN_ROWS:
+            self._spill()
+
+    def _spill(self) -> None:
+        path = self.directory / f"{len(self.runs):06d}.txt"
+        with open(path, "w") as out:
+            out.writelines(sorted(self._rows, key=_chunk_id))
+        self.runs.append(path)
+        self._rows = []
+
+    def write_merged(self, out: TextIO) -> int:
+        """Write every row in chunk-id order; returns the number of rows."""
+        if self._rows or not self.runs:
+            self._spill()
+        runs, level = self.runs, 0
+        while len(runs) > MAX_OPEN_RUNS:
+            level += 1
+            merged = []
+            for start in range(0, len(runs), MAX_OPEN_RUNS):
+                path = self.directory / f"l{level}-{start:06d}.txt"
+                with open(path, "w") as target:
+                    _merge_files(runs[start:start + MAX_OPEN_RUNS], target)
+                for run in runs[start:start + MAX_OPEN_RUNS]:
+                    run.unlink()
+                merged.append(path)
+            runs = merged
+        return _merge_files(runs, out)
+
+
+def _merge_files(paths: list[Path], out: TextIO) -> int:
+    with ExitStack() as stack:
+        files = [stack.enter_context(open(path, buffering=2**20)) for path in paths]
+        rows = 0
+        for line in heapq.merge(*files, key=_chunk_id):
+            out.write(line)
+            rows += 1
+    return rows
 
 
 class _BlockedFeatures:

@@ -1,11 +1,14 @@
 """How far a run is: shards done, leased, pending and failed, throughput and ETA.
 
 Used by `virnucpro status` and by the running job's periodic progress line. It only reads
-the plan and the shard records, so it can be run from anywhere, at any time.
+the plan and the shard records, so it can be run from anywhere, at any time. While the plan
+is still being made, the shards and reads are those published so far, and the run's reads
+are estimated from the share of input bytes scanned.
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from job.merge import read_marker
@@ -24,11 +27,13 @@ class RunStatus:
     leased: int
     pending: int
     failed: int
-    reads: int
+    reads: int  # while planning: an estimate from the bytes scanned so far
     reads_committed: int
     reads_per_s: float | None  # committed reads per second over the last few minutes
     eta_s: float | None
     finished: str | None  # _SUCCESS or _FAILED once the run is finished
+    planned: bool = True  # the plan is complete
+    scanned: float = 1.0  # share of the input bytes the planner has read
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -37,8 +42,9 @@ class RunStatus:
         rate = "-" if self.reads_per_s is None else f"{self.reads_per_s:.1f} reads/s"
         eta = "-" if self.eta_s is None else f"{self.eta_s:.0f} s"
         state = self.finished or "running"
+        planning = "" if self.planned else f"; planning: {100 * self.scanned:.0f}% of the input scanned, reads estimated"
         return (
-            f"run {self.run_id}: {state}; shards {self.done} done, {self.leased} leased, "
+            f"run {self.run_id}: {state}{planning}; shards {self.done} done, {self.leased} leased, "
             f"{self.pending} pending, {self.failed} failed of {self.shards}; reads "
             f"{self.reads_committed}/{self.reads}; {rate}; ETA {eta}"
         )
@@ -50,7 +56,9 @@ def run_status(store: Store, plan: Plan | None = None) -> RunStatus | None:
     if plan is None:
         return None
     marker = read_marker(store)
-    states = [read_shard(store, shard.index)[0] for shard in plan.shards]
+    plan = load_plan(store, plan) or plan  # shards published since
+    with ThreadPoolExecutor(16) as pool:
+        states = list(pool.map(lambda shard: read_shard(store, shard.index)[0], plan.shards))
     return summarize(plan, states, None if marker is None else marker[0])
 
 
@@ -63,6 +71,12 @@ def summarize(plan: Plan, states: list[ShardState], finished: str | None, now: f
     )
     rate = recent / span if recent else None
     remaining = sum(shard.reads - state.reads_done for shard, state in zip(plan.shards, states) if not state.final)
+    reads, scanned = plan.total_reads, 1.0
+    if not plan.complete:
+        done_bytes = plan.shards[-1].scanned if plan.shards else 0
+        scanned = min(done_bytes / plan.input_bytes, 1.0) if plan.input_bytes else 0.0
+        reads = round(plan.total_reads / scanned) if scanned else 0
+        remaining += reads - plan.total_reads
     return RunStatus(
         run_id=plan.run_id,
         shards=len(states),
@@ -70,9 +84,11 @@ def summarize(plan: Plan, states: list[ShardState], finished: str | None, now: f
         leased=sum(state.leased(now) for state in states),
         pending=sum(not state.final and not state.leased(now) for state in states),
         failed=sum(state.failed for state in states),
-        reads=plan.total_reads,
+        reads=reads,
         reads_committed=committed,
         reads_per_s=None if rate is None else round(rate, 2),
         eta_s=0.0 if not remaining else (None if rate is None else round(remaining / rate, 1)),
         finished=finished,
+        planned=plan.complete,
+        scanned=round(scanned, 4),
     )

@@ -28,10 +28,11 @@ from itertools import islice
 import torch
 
 from core.errors import ModelLoadError
-from core.fasta import Record
+from core.reads import Record
 from core.pipeline import Predictor, ReadResult, load_predictor, resolve_device
 from job import exit_codes
 from job.config import RunConfig
+from job.errors import BadInput
 from job.log import configure, get_logger
 from job.parts import encode_features, encode_rows
 from job.plan import Plan, load_plan, shard_records
@@ -39,6 +40,7 @@ from job.shards import Lease, Part, claim, read_shard
 from job.store import Store, open_store
 
 PROGRESS_SECONDS = 30.0
+PLAN_POLL_SECONDS = 0.5  # how often a worker with nothing to do looks for newly published shards
 
 
 @dataclass(frozen=True)
@@ -67,16 +69,25 @@ def command(spec: WorkerSpec) -> list[str]:
 
 
 def claim_order(shards: int, slot: int, slots: int, worker: int, workers: int) -> list[int]:
-    """Shards in the order a worker tries them: its slot's share first, then the rest.
+    """The published shards 0 .. `shards` - 1 in the order a worker tries them.
 
-    A slot owns a contiguous range; the workers of a machine start at evenly spaced points
-    of it so they rarely race for the same shard. Other slots' shards come last, from the
-    far end, so a worker that helps out meets their owners as late as possible.
+    Shards are dealt round-robin, so the order needs no final count and the first shards
+    published go to every worker at once: shard i belongs to slot i % slots, and within a
+    slot to worker (i // slots) % workers. A worker tries its own shards first, then its
+    slot's others, then other slots' shards from the far end, so that a worker helping out
+    meets their owners as late as possible.
     """
-    own = list(range(slot * shards // slots, (slot + 1) * shards // slots))
-    offset = worker * len(own) // workers if own else 0
-    mine = own[offset:] + own[:offset]
-    return mine + [i for i in reversed(range(shards)) if not own or not own[0] <= i <= own[-1]]
+    own: list[int] = []
+    slot_rest: list[int] = []
+    others: list[int] = []
+    for index in range(shards):
+        if index % slots != slot:
+            others.append(index)
+        elif (index // slots) % workers == worker:
+            own.append(index)
+        else:
+            slot_rest.append(index)
+    return own + slot_rest + others[::-1]
 
 
 class Worker:
@@ -93,18 +104,34 @@ class Worker:
         warm_up_seconds = self.predictor.warm_up()
         self.log.info("engine_ready", **self.predictor.engine, warm_up_seconds=round(warm_up_seconds, 1))
         self.log.info("worker_started", device=self.device, slot=config.slot, slots=config.slots)
-        order = claim_order(
-            len(self.plan.shards), config.slot or 0, config.slots or 1, self.spec.worker, self.spec.workers
-        )
         final: set[int] = set()
         poll = min(self.config.lease_seconds / 4, 5.0)
+        waiting = False
         while not self.stop.is_set():
+            self.plan = load_plan(self.store, self.plan) or self.plan  # shards published since
+            if self.plan.error:
+                self.log.error("plan_failed", error=self.plan.error)
+                return exit_codes.BAD_INPUT
+            order = claim_order(
+                len(self.plan.shards), config.slot or 0, config.slots or 1, self.spec.worker, self.spec.workers
+            )
             lease = self._next_lease(order, final)
             if lease is not None:
-                self._process(lease)
-            elif len(final) == len(order):
+                waiting = False
+                try:
+                    self._process(lease)
+                except BadInput as exc:  # the input changed under the run: stop, nothing more is right
+                    self.log.error("bad_input", error=str(exc))
+                    print(f"virnucpro: error: {exc}", file=sys.stderr)
+                    return exit_codes.BAD_INPUT
+            elif self.plan.complete and len(final) == len(order):
                 self.log.info("worker_finished", **self._memory())
                 return exit_codes.OK
+            elif not self.plan.complete:  # every published shard is taken: wait for the planner
+                if not waiting:
+                    self.log.info("waiting_for_plan", published=len(order), final=len(final))
+                    waiting = True
+                self.stop.wait(PLAN_POLL_SECONDS)
             else:  # the rest is leased by others: wait for them to finish, or for a lease to expire
                 self.stop.wait(poll)
         self.log.info("worker_stopped", **self._memory())
@@ -144,7 +171,7 @@ class Worker:
         renewer = _Renewer(lease, self.config.lease_seconds, skip, log)
         renewer.start()
         try:
-            records = islice(shard_records(self.plan, shard, self.config.s3_endpoint_url), skip, None)
+            records = islice(shard_records(self.plan, shard, self.config.s3_endpoint_url, self.store), skip, None)
             self._predict_into(lease, records, renewer, log)
             if lease.lost.is_set():
                 log.warning("lease_lost", message="another worker took this shard over; dropping it")
@@ -152,6 +179,9 @@ class Worker:
                 log.info("shard_done", reads=shard.reads)
             elif lease.release():
                 log.info("shard_released", committed=lease.state.reads_done, reads=shard.reads)
+        except BadInput:  # not the shard's fault: give it back and stop
+            lease.release()
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure of a shard is recorded on it
             error = f"{type(exc).__name__}: {exc}"
             log.error("shard_error", error=error, traceback=traceback.format_exc())

@@ -12,7 +12,7 @@ import pytest
 from core.fasta import mark_duplicates, open_fasta
 from job.errors import BadInput
 from job.inputs import resolve_inputs
-from job.plan import Segment, build_plan, load_plan, plan_run, shard_records
+from job.plan import Segment, load_plan, plan_run, shard_records
 from job.store import LocalStore, open_store
 from job_support import bucket, s3_endpoint  # noqa: F401 (fixtures)
 
@@ -25,23 +25,31 @@ def fasta(path: Path, ids: list[str], gz: bool = False) -> Path:
     return path
 
 
+def build(inputs, shard_reads, root: Path):  # noqa: ANN001, ANN201
+    """The complete plan of `inputs` in a fresh local store under `root`; (plan, store)."""
+    store = LocalStore(str(root / f"out-{len(list(root.glob('out-*')))}"))
+    return plan_run(store, inputs, SETTINGS, shard_reads, None, threading.Event()), store
+
+
 def test_shards_span_files_and_mark_run_wide_duplicates(tmp_path: Path) -> None:
     fasta(tmp_path / "a.fa", ["r1", "r2", "r3"])
     fasta(tmp_path / "b.fa.gz", ["r4", "r1", "r5", "r6"], gz=True)
     (tmp_path / "notes.txt").write_text("not fasta")
     inputs = resolve_inputs((str(tmp_path),), None)
     assert [Path(i.uri).name for i in inputs] == ["a.fa", "b.fa.gz"]
-    plan = build_plan(inputs, SETTINGS, 3, None, threading.Event())
+    plan, store = build(inputs, 3, tmp_path)
     assert [s.reads for s in plan.shards] == [3, 3, 1]
-    assert plan.shards[1].segments == (Segment(1, 0, 3, None),)  # gzip: no offset
+    record = len(">r4 some description\nACGTACGTAC\nGTACG\n")
+    # gzip: the segment's text is a copy under the run
+    assert plan.shards[1].segments == (Segment(1, 0, 3, 0, 3 * record, 1, "_run/inputs/00001-0.gz"),)
     assert plan.shards[1].duplicates == (1,)  # r1 again, second read of shard 1
-    ids = [[(r.id, r.status) for r in shard_records(plan, s, None)] for s in plan.shards]
+    ids = [[(r.id, r.status) for r in shard_records(plan, s, None, store)] for s in plan.shards]
     assert ids == [
         [("r1", None), ("r2", None), ("r3", None)],
         [("r4", None), ("r1", "duplicate_id"), ("r5", None)],
         [("r6", None)],
     ]
-    plan2 = build_plan(inputs, SETTINGS, 3, None, threading.Event())
+    plan2, _ = build(inputs, 3, tmp_path)
     assert plan2.run_id == plan.run_id and plan2.shards == plan.shards
 
 
@@ -49,11 +57,11 @@ def test_shard_boundary_inside_a_file(tmp_path: Path) -> None:
     fasta(tmp_path / "a.fa", ["a1", "a2"])
     fasta(tmp_path / "b.fa", ["b1", "b2", "b3"])
     inputs = resolve_inputs((str(tmp_path / "a.fa"), str(tmp_path / "b.fa")), None)
-    plan = build_plan(inputs, SETTINGS, 3, None, threading.Event())
+    plan, store = build(inputs, 3, tmp_path)
     record = len(">a1 some description\nACGTACGTAC\nGTACG\n")
-    assert plan.shards[0].segments == (Segment(0, 0, 2, 0), Segment(1, 0, 1, 0))
-    assert plan.shards[1].segments == (Segment(1, 1, 2, record),)
-    assert [r.id for r in shard_records(plan, plan.shards[1], None)] == ["b2", "b3"]
+    assert plan.shards[0].segments == (Segment(0, 0, 2, 0, 2 * record, 1, None), Segment(1, 0, 1, 0, record, 1, None))
+    assert plan.shards[1].segments == (Segment(1, 1, 2, record, 3 * record, 4, None),)
+    assert [r.id for r in shard_records(plan, plan.shards[1], None, store)] == ["b2", "b3"]
 
 
 def test_resume_refuses_changed_input_and_arguments(tmp_path: Path) -> None:
@@ -71,16 +79,30 @@ def test_resume_refuses_changed_input_and_arguments(tmp_path: Path) -> None:
         plan_run(store, resolve_inputs((str(path),), None), SETTINGS, 10, None, stop)
 
 
+def test_local_fingerprint_sees_a_same_size_edit_with_mtime_restored(tmp_path: Path) -> None:
+    path = fasta(tmp_path / "a.fa", ["r1", "r2"])
+    before = resolve_inputs((str(path),), None)[0]
+    stat = path.stat()
+    path.write_bytes(path.read_bytes().replace(b"r2", b"r9"))  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # mtime restored
+    after = resolve_inputs((str(path),), None)[0]
+    assert after.size == before.size and after.version.split(":")[0] == before.version.split(":")[0]
+    assert after != before  # the ctime moved
+    moved = tmp_path / "b.fa"
+    os.replace(fasta(tmp_path / "new.fa", ["r1", "r9"]), moved)
+    assert resolve_inputs((str(moved),), None)[0].version.split(":")[2] == str(moved.stat().st_ino)
+
+
 def test_missing_and_empty_inputs(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match=f"input {tmp_path / 'nope.fa'} does not exist"):
         resolve_inputs((str(tmp_path / "nope.fa"),), None)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(BadInput, match="holds no FASTA files"):
+    with pytest.raises(BadInput, match="holds no read files"):
         resolve_inputs((str(tmp_path / "empty"),), None)
     empty = tmp_path / "empty.fa"
     empty.write_bytes(b"")
-    plan = build_plan(resolve_inputs((str(empty),), None), SETTINGS, 10, None, threading.Event())
-    assert plan.shards == () and plan.total_reads == 0
+    plan, _ = build(resolve_inputs((str(empty),), None), 10, tmp_path)
+    assert plan.shards == () and plan.total_reads == 0 and plan.empty_inputs == (str(empty),)
 
 
 def test_concurrent_planners_agree_on_s3(bucket: str, tmp_path: Path) -> None:  # noqa: F811
@@ -103,13 +125,13 @@ def test_concurrent_planners_agree_on_s3(bucket: str, tmp_path: Path) -> None:  
     assert load_plan(open_store(uri)) == plans[0]
     assert plans[0].total_reads == 51 and len(plans[0].shards) == 8
     assert [i.uri for i in plans[0].inputs] == [f"s3://{bucket}/in/x.fa", f"s3://{bucket}/in/y.fasta.gz"]
-    assert [r.id for r in shard_records(plans[0], plans[0].shards[-1], None)] == ["r49", "y1"]
+    assert [r.id for r in shard_records(plans[0], plans[0].shards[-1], None, open_store(uri))] == ["r49", "y1"]
 
 
 def test_workers_seek_to_their_shard_in_plain_text(tmp_path: Path) -> None:
     messy = tmp_path / "messy.fa"
     messy.write_bytes(b"\r\n>a x\r\nAC\r\n\r\nGT\r\n>b\r\n>c\nacg\n  >d\nTTT\n>e\nA-C\n>a\nGG\n")
-    plan = build_plan(resolve_inputs((str(messy),), None), SETTINGS, 2, None, threading.Event())
-    expected = [(r.id, r.sequence, r.status) for r in mark_duplicates(open_fasta(str(messy)), set())]
-    got = [(r.id, r.sequence, r.status) for s in plan.shards for r in shard_records(plan, s, None)]
-    assert got == expected and all(g.offset is not None for s in plan.shards for g in s.segments)
+    plan, store = build(resolve_inputs((str(messy),), None), 2, tmp_path)
+    expected = [(r.id, r.sequence, r.status, r.line) for r in mark_duplicates(open_fasta(str(messy)), set())]
+    got = [(r.id, r.sequence, r.status, r.line) for s in plan.shards for r in shard_records(plan, s, None, store)]
+    assert got == expected and all(g.copy is None for s in plan.shards for g in s.segments)

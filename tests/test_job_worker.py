@@ -88,11 +88,16 @@ def finish(run: RunConfig, store: LocalStore) -> tuple[str, dict]:
     return merge(store, load_plan(store), inputs, claim, threading.Event())
 
 
-def test_claim_order_prefers_own_slot() -> None:
-    assert claim_order(10, 0, 2, 0, 1) == [0, 1, 2, 3, 4, 9, 8, 7, 6, 5]
-    assert claim_order(10, 1, 2, 1, 2) == [7, 8, 9, 5, 6, 4, 3, 2, 1, 0]
-    assert claim_order(3, 0, 1, 1, 2) == [1, 2, 0]
+def test_claim_order_deals_shards_round_robin_without_a_final_count() -> None:
+    assert claim_order(10, 0, 2, 0, 1) == [0, 2, 4, 6, 8, 9, 7, 5, 3, 1]
+    assert claim_order(10, 1, 2, 1, 2) == [3, 7, 1, 5, 9, 8, 6, 4, 2, 0]
+    assert claim_order(3, 0, 1, 1, 2) == [1, 0, 2]
     assert sorted(claim_order(2, 3, 4, 0, 1)) == [0, 1]  # more slots than shards
+    # more shards published later: the order of those already there does not change for the owner
+    assert claim_order(6, 0, 1, 0, 2)[:2] == claim_order(4, 0, 1, 0, 2)[:2] == [0, 2]
+    # every worker of every slot gets one of the first shards published
+    firsts = {claim_order(4, slot, 2, worker, 2)[0] for slot in range(2) for worker in range(2)}
+    assert firsts == {0, 1, 2, 3}
 
 
 def test_parts_at_group_boundaries_and_merge(tmp_path: Path) -> None:
