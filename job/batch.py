@@ -251,7 +251,7 @@ def _inspect_classifier(model: LocalModel, config: RunConfig) -> tuple[int, int]
 
 def _check_numbers(config: RunConfig) -> None:
     for flag, value, least in (
-        ("--shard-reads", config.shard_reads, 1), ("--group-reads", config.group_reads, 1),
+        ("--shard-reads", 1 if config.shard_reads is None else config.shard_reads, 1), ("--group-reads", config.group_reads, 1),
         ("--workers", config.workers or 1, 1), ("--max-attempts", config.max_attempts, 1),
         ("--lease-seconds", config.lease_seconds, 0.1), ("--checkpoint-seconds", config.checkpoint_seconds, 0),
         ("--grace-seconds", config.grace_seconds, 0),

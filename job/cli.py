@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--workers", type=int, help="worker processes (default: one per visible GPU, else 1)")
     batch.add_argument("--slot", type=int, help="this machine's slot (default: AWS_BATCH_JOB_ARRAY_INDEX or JOB_COMPLETION_INDEX)")
     batch.add_argument("--slots", type=int, help="number of slots (default: AWS_BATCH_JOB_ARRAY_SIZE)")
-    batch.add_argument("--shard-reads", type=int, default=RunConfig.shard_reads, help="reads per shard (default: %(default)s)")
+    batch.add_argument("--shard-reads", type=int, default=RunConfig.shard_reads, help="reads per shard (default: automatic, about 32 shards of 500 to 20,000 reads)")
     batch.add_argument("--group-reads", type=int, default=RunConfig.group_reads, help="reads scored together (default: %(default)s; changes the last digits of scores)")
     batch.add_argument("--checkpoint-seconds", type=float, default=RunConfig.checkpoint_seconds, help="commit results at least this often (default: %(default)s)")
     batch.add_argument("--grace-seconds", type=float, default=RunConfig.grace_seconds, help="time to stop after SIGTERM (default: %(default)s)")

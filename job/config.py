@@ -27,7 +27,7 @@ class RunConfig:
     workers: int | None = None  # None: one per visible GPU, else 1
     slot: int | None = None
     slots: int | None = None
-    shard_reads: int = 20_000
+    shard_reads: int | None = None  # None: automatic, from the inputs' size (job/plan.py)
     # Reads scored together. Batched kernels round differently for different batch
     # compositions, so each shard is scored in fixed groups from its first read: the same
     # scores however often the shard is interrupted. Changes results: recorded in the plan.
