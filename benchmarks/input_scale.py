@@ -1,0 +1,294 @@
+"""The data path at scale (issue 11): plan pass, first claim, read work per shard, merge.
+
+Not a test: it prints figures, recorded with their command in docs/PERFORMANCE.md.
+
+    python benchmarks/input_scale.py --reads 100000 --only plan,shards,first-claim,merge
+    python benchmarks/input_scale.py --reads 10000000 --only plan,merge
+
+Inputs are generated under --work (kept between calls): a paired-end pair of FASTQ.gz files
+(Casava 1.8 headers, `--reads` reads in all, half per mate) and one plain FASTA file of
+`--reads` reads. Reads are 50 to 300 bp, nine in ten of them a mutated TTAG repeat, which
+has a stop codon in all six frames, so that the demo models have little to score and the
+data path is what is timed.
+
+Pieces (each in its own process, so that its peak RSS is its own):
+- plan: the plan pass alone (Planner.scan to a local store): reads/s, MB/s, peak RSS;
+- shards: every shard read back as a worker reads it (job.plan.shard_records): bytes read
+  or decompressed over the whole run (plan pass + every shard) per input byte, and the read
+  time of the last shard over the first;
+- first-claim: `virnucpro run` on the demo models, --workers 2: seconds from the command's
+  start to the first `shard_claimed` log line (the run is then stopped);
+- merge: the merge alone over generated parts of a finished run (local output, and a moto
+  S3 server on 127.0.0.1 with --s3): reads/s and peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+LENGTHS = (50, 75, 100, 150, 150, 151, 200, 250, 300)
+
+
+def _sequences(rng: random.Random, count: int = 4096) -> list[str]:
+    pool = []
+    for n in range(count):
+        length = LENGTHS[n % len(LENGTHS)]
+        if n % 10 == 0:
+            sequence = "".join(rng.choice("ACGT") for _ in range(length))
+        else:
+            repeat = list(("TTAG" * (length // 4 + 1))[:length])
+            for _ in range(length // 25):
+                repeat[rng.randrange(length)] = rng.choice("ACGT")
+            sequence = "".join(repeat)
+        pool.append(sequence)
+    return pool
+
+
+def generate(work: Path, reads: int) -> dict[str, list[Path]]:
+    """The benchmark's inputs for `reads` reads (made once, then reused)."""
+    from isal import igzip
+
+    work.mkdir(parents=True, exist_ok=True)
+    fasta = work / f"reads-{reads}.fa"
+    mates = [work / f"reads-{reads}_R{m}.fastq.gz" for m in (1, 2)]
+    rng = random.Random(reads)
+    pool = _sequences(rng)
+    if not fasta.exists():
+        with open(str(fasta) + ".tmp", "w") as out:
+            for start in range(0, reads, 100_000):
+                out.write("".join(
+                    f">read{n} sample {n}\n{pool[(n * 7919) % len(pool)]}\n" for n in range(start, min(reads, start + 100_000))
+                ))
+        os.replace(str(fasta) + ".tmp", fasta)
+    if not mates[1].exists():
+        for mate, path in zip((1, 2), mates):
+            with igzip.open(str(path) + ".tmp", "wb", compresslevel=1) as out:
+                half = reads // 2
+                for start in range(0, half, 100_000):
+                    block = []
+                    for n in range(start, min(half, start + 100_000)):
+                        sequence = pool[(n * 7919 + mate) % len(pool)]
+                        block.append(f"@M00001:7:000000000-A1B2C:1:1101:{n}:{mate} {mate}:N:0:ACGTAC\n"
+                                     f"{sequence}\n+\n{'F' * len(sequence)}\n")
+                    out.write("".join(block).encode())
+            os.replace(str(path) + ".tmp", path)
+    return {"fasta": [fasta], "fastq.gz": mates}
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _plan(paths: list[Path], out: Path) -> dict:
+    from job.inputs import resolve_inputs
+    from job.plan import Planner, load_plan, plan_header
+    from job.store import LocalStore
+
+    shutil.rmtree(out, ignore_errors=True)
+    store = LocalStore(str(out))
+    inputs = resolve_inputs(tuple(map(str, paths)), None)
+    started = time.perf_counter()
+    header = plan_header(store, inputs, {"bench": 1}, None, None)
+    header_seconds = time.perf_counter() - started
+    Planner(store, header, None, threading.Event()).scan()
+    seconds = time.perf_counter() - started
+    plan = load_plan(store)
+    assert plan is not None and plan.complete, plan
+    size = sum(p.stat().st_size for p in paths)
+    text = sum(g.end - g.offset for s in plan.shards for g in s.segments)
+    return {
+        "reads": plan.total_reads, "shards": len(plan.shards), "shard_reads": plan.shard_reads,
+        "seconds": round(seconds, 2), "header_seconds": round(header_seconds, 3),
+        "reads_per_s": round(plan.total_reads / seconds), "input_mb_per_s": round(size / seconds / 1e6, 1),
+        "text_mb_per_s": round(text / seconds / 1e6, 1), "input_bytes": size, "text_bytes": text,
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
+    }
+
+
+def _shards(out: Path) -> dict:
+    """Read every shard as a worker does; count the bytes given to the reader."""
+    import io
+
+    import job.plan
+    from job.plan import load_plan, shard_records
+    from job.store import LocalStore
+
+    store = LocalStore(str(out))
+    plan = load_plan(store)
+    assert plan is not None and plan.complete
+    counted = [0]
+    real = job.plan.read_records
+
+    def counting(stream, name, first_line=1):  # noqa: ANN001, ANN202
+        data = stream.read()
+        counted[0] += len(data)
+        return real(io.BytesIO(data), name, first_line)
+
+    job.plan.read_records = counting
+    times = []
+    for shard in plan.shards:
+        started = time.perf_counter()
+        for _ in shard_records(plan, shard, None, store):
+            pass
+        times.append(time.perf_counter() - started)
+    text = sum(g.end - g.offset for s in plan.shards for g in s.segments)
+    return {
+        "shards": len(times), "first_shard_s": round(times[0], 4), "last_shard_s": round(times[-1], 4),
+        "last_over_first": round(times[-1] / times[0], 2),
+        # the plan pass reads (or inflates) the text once, the workers read it again
+        "bytes_per_input_byte": round((text + counted[0]) / text, 3),
+    }
+
+
+def _first_claim(paths: list[Path], work: Path) -> dict:
+    from job_support import JobProcess, subprocess_env, virnucpro
+
+    models = work / "models"
+    if not models.exists():
+        subprocess.run(virnucpro("make-demo-models", str(models)), check=True, env=subprocess_env(), capture_output=True)
+    out = work / "first-claim-out"
+    shutil.rmtree(out, ignore_errors=True)
+    args = virnucpro(
+        "run", "--input", *map(str, paths), "--output", str(out), "--device", "cpu", "--workers", "2",
+        "--esm-model", str(models / "esm2_demo.pt"), "--dnabert-model", str(models / "dnabert_demo"),
+        "--classifier", str(models / "classifier_500.pth"), "--imds-url", "http://127.0.0.1:9",
+    )
+    started = time.monotonic()
+    job = JobProcess(args, subprocess_env())
+    claimed = job.wait_for("shard_claimed", timeout=600)
+    seconds = time.monotonic() - started
+    planned = job.wait_for("plan_complete", timeout=1)
+    job.process.send_signal(signal.SIGTERM)
+    job.wait(timeout=120)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"first_claim_s": round(seconds, 2) if claimed else None, "plan_complete_before_claim": planned is not None}
+
+
+def _merge(reads: int, work: Path, s3: bool) -> dict:
+    """Merge a finished run of `reads` generated reads (20,000 a shard, parts of 2,000)."""
+    import job.merge
+    from job.inputs import InputObject
+    from job.merge import MergeClaim, MergeInputs, merge
+    from job.plan import DONE_KEY, PLAN_KEY, Plan, Segment, Shard
+    from job.shards import Part, ShardState, shard_key
+    from job.store import LocalStore, open_store
+
+    server = None
+    if s3:
+        import boto3
+        from job_support import AWS_ENV, start_moto
+
+        server = start_moto()
+        os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=server.url)
+        boto3.client("s3").create_bucket(Bucket="bench")
+        store = open_store("s3://bench/merge")
+    else:
+        out = work / "merge-out"
+        shutil.rmtree(out, ignore_errors=True)
+        store = LocalStore(str(out))
+    shard_reads, part_reads = 20_000, 2_000
+    plan = Plan("bench", (InputObject("/bench.fa", 0, "0"),), {}, shard_reads, 0.0)
+    shards, start = [], 0
+    while start < reads:
+        count = min(shard_reads, reads - start)
+        shards.append(Shard(len(shards), (Segment(0, start, count, 0, 0, 1, None),), count, (), 0).to_dict())
+        start += count
+    store.create(PLAN_KEY, plan.header_json())
+    store.create(DONE_KEY, json.dumps({"shards": shards, "reads": reads, "empty_inputs": []}).encode())
+    made = time.perf_counter()
+    for shard in shards:
+        parts = []
+        for first in range(0, shard["reads"], part_reads):
+            n0 = shard["segments"][0][1] + first
+            ids = [f"read{n}" for n in range(n0, n0 + min(part_reads, shard["reads"] - first))]
+            rows = {
+                "reads": [f"{i}\t150\t1\t1\t0.5\tothers\t\n" for i in ids],
+                "predictions": [f"{i}_chunk_1F1\tothers\t0.6\t0.4\n" for i in ids[::10]],
+                "highest": sorted(f"{i}_chunk_1\t0.4\t0.6\tothers\n" for i in ids[::10]),
+                "outcomes": {"others": len(ids)},
+            }
+            key = f"_run/parts/{shard['index']:05d}/bench-{first:06d}.json"
+            store.put(key, json.dumps(rows).encode())
+            parts.append(Part(key, None, len(ids), len(ids) // 10, 1.0, 0.0, "cpu"))
+        state = ShardState(shard["index"], attempt=1, parts=tuple(parts), done=True)
+        store.create(shard_key(shard["index"]), state.to_json())
+    made = time.perf_counter() - made
+    from job.plan import load_plan
+
+    complete = load_plan(store)
+    before = _peak_rss_mib()
+    started = time.perf_counter()
+    inputs = MergeInputs(write_features=False, feature_dim=4, demo_models=False, endpoint_url=None, lease_seconds=60)
+    claim = MergeClaim(store, "bench", 60)
+    assert claim.acquire()
+    marker, summary = merge(store, complete, inputs, claim, threading.Event())
+    seconds = time.perf_counter() - started
+    assert marker == "_SUCCESS" and summary["reads"] == reads
+    if server is not None:
+        server.close()
+    return {
+        "store": "moto S3" if s3 else "local", "reads": reads, "seconds": round(seconds, 2),
+        "reads_per_s": round(reads / seconds), "setup_seconds": round(made, 1),
+        "peak_rss_mib": round(_peak_rss_mib(), 1), "rss_before_merge_mib": round(before, 1),
+        "run_rows": job.merge.RUN_ROWS,
+    }
+
+
+def _piece(args: argparse.Namespace) -> dict:
+    work = Path(args.work)
+    inputs = generate(work, args.reads)
+    kind, name = args.piece.split(":")
+    if kind == "plan":
+        return _plan(inputs[name], work / f"plan-{name}-{args.reads}")
+    if kind == "shards":
+        return _shards(work / f"plan-{name}-{args.reads}")
+    if kind == "first-claim":
+        return _first_claim(inputs[name], work)
+    if kind == "merge":
+        return _merge(args.reads, work, name == "s3")
+    raise SystemExit(f"unknown piece {args.piece}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reads", type=int, default=100_000)
+    parser.add_argument("--only", default="plan,shards,first-claim,merge", help="comma-separated pieces")
+    parser.add_argument("--formats", default="fasta,fastq.gz")
+    parser.add_argument("--s3", action="store_true", help="merge into a moto S3 server too")
+    parser.add_argument("--work", default="/tmp/virnucpro-input-scale")
+    parser.add_argument("--piece", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.piece:
+        print(json.dumps(_piece(args)))
+        return
+    generate(Path(args.work), args.reads)
+    only = args.only.split(",")
+    pieces = [f"{kind}:{name}" for kind in ("plan", "shards", "first-claim") if kind in only for name in args.formats.split(",")]
+    if "merge" in only:
+        pieces += ["merge:local"] + (["merge:s3"] if args.s3 else [])
+    for piece in pieces:
+        command = [sys.executable, __file__, "--reads", str(args.reads), "--work", args.work, "--piece", piece]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode:
+            print(f"{piece}: failed\n{done.stderr[-3000:]}", flush=True)
+            continue
+        print(f"{piece} reads={args.reads}: {done.stdout.strip().splitlines()[-1]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
