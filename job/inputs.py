@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from core.fasta import Record, read_fasta
+from core.reads import Record, read_records as read_fasta
 from job import s3
 from job.errors import BadInput
 
@@ -87,11 +87,22 @@ class _HeaderOffsets:
     def __init__(self, stream: io.BufferedReader) -> None:
         self._stream = stream
         self.offsets: dict[int, int] = {}  # line number -> byte offset
+        self._lines = self._numbered()
 
     def peek(self, size: int = 0) -> bytes:
         return self._stream.peek(size)
 
-    def __iter__(self) -> Iterator[bytes]:
+    def read(self, size: int = -1) -> bytes:
+        """Whole lines, about `size` bytes of them (the reader reads blocks)."""
+        chunk, total = [], 0
+        for line in self._lines:
+            chunk.append(line)
+            total += len(line)
+            if total >= size > 0:
+                break
+        return b"".join(chunk)
+
+    def _numbered(self) -> Iterator[bytes]:
         offset = 0
         for number, line in enumerate(self._stream, start=1):
             if line.lstrip().startswith(b">"):

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
 
-from core.fasta import Record, mark_duplicates
+from core.reads import Record, mark_duplicates
 from job.errors import BadInput, Interrupted
 from job.inputs import InputObject, indexed_records, read_records, stat_input
 from job.store import Store

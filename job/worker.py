@@ -28,7 +28,7 @@ from itertools import islice
 import torch
 
 from core.errors import ModelLoadError
-from core.fasta import Record
+from core.reads import Record
 from core.pipeline import Predictor, ReadResult, load_predictor, resolve_device
 from job import exit_codes
 from job.config import RunConfig
