@@ -2,7 +2,7 @@
 
     python benchmarks/translate_throughput.py [--reads 200000] [--length 500]
 
-Times the same code `virnucpro run` uses (core.fasta, core.frames) over an in-memory FASTA
+Times the same code `virnucpro run` uses (core.reads, core.frames) over an in-memory FASTA
 of random reads, in groups as the predictor feeds it.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import random
 import time
 from itertools import islice
 
-from core.fasta import read_fasta
+from core.reads import read_records as read_fasta
 from core.frames import chunk_record, open_frames
 
 

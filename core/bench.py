@@ -94,7 +94,7 @@ def synthetic_reads(count: int, seed: int = 0, length: int = 500):
     complement is a stop, which opens R3 (its codons are F1's, reverse complemented). The
     other frames of random codons almost surely hold a stop.
     """
-    from core.fasta import Record
+    from core.reads import Record
 
     rng = random.Random(seed)
     open_forward, both = _codons()

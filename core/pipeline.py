@@ -17,7 +17,7 @@ from core.classifier import Classifier, check_chunk_length, load_classifier
 from core.dnabert import DNABERTEncoder, load_dnabert
 from core.errors import ModelLoadError, NonFiniteEmbedding
 from core.esm2 import ESM2Encoder, load_esm2
-from core.fasta import Record
+from core.reads import Record
 from core.frames import Frame, chunk_record, open_frames
 from core.outputs import FrameScore, ReadSummary, chunk_calls
 

@@ -1,16 +1,408 @@
-"""STAND-IN until the reader branch lands (core/reads.py is theirs): FASTA via core.fasta."""
+"""Streaming FASTA and FASTQ reader that never drops a read silently.
+
+The format is told by content, not by name: the first line that is not blank (after an
+optional UTF-8 byte order mark) starts with '>' for FASTA or '@' for FASTQ. Gzip is told by
+its magic bytes and read whole, single-member, multi-member (`cat a.gz b.gz`) and BGZF
+alike. Lines may end in LF, CRLF or CR alone (old Mac files); a line break is one of the
+three, so line numbers in messages are what an editor shows.
+
+FASTA records are a '>' header and any number of sequence lines of any width; blank lines,
+lowercase and whitespace around lines are accepted. FASTQ records are exactly 4 lines:
+'@' header, sequence, '+' (any text after it is ignored), quality. Multi-line FASTQ is not
+supported. The quality line is checked to be as long as the sequence and otherwise
+ignored: the predictor uses bases only. Blank lines are accepted before the first FASTQ
+record and after the last, not between records.
+
+Read ids, paired-end mates included (`read_id` is the one place the rule lives):
+
+- the id is the header's first word (up to the first whitespace);
+- an id already ending in ``/1`` or ``/2`` is kept as it is;
+- otherwise a Casava 1.8+ description, whose first word matches ``[12]:[YN]:<digits>:``
+  (``@name 1:N:0:ACGT`` / ``@name 2:N:0:ACGT``), makes the id ``name/1`` / ``name/2``.
+
+So the two files of a pair give distinct ids and both mates are scored; the same id with
+the same mate twice is still a duplicate.
+
+Structural damage (binary data, text that is neither FASTA nor FASTQ, a header with no id,
+a FASTQ record that is not 4 well-formed lines, a corrupt gzip stream) stops the read with a
+`ReadsError` naming the file, the line and what to do. Damage confined to one record
+becomes that record's `status`, so the record still reaches the per-read table:
+
+- ``empty``: a header with no sequence after it;
+- ``invalid_characters``: a sequence holding something other than letters;
+- ``duplicate_id``: an id seen earlier in the run (see `mark_duplicates`). The first record
+  with an id is scored; each later one is listed with this status and not scored, because
+  output rows are keyed by id and two reads with one id cannot be told apart downstream.
+
+Memory holds one block (1 MiB) and one record at a time, whatever the file size.
+`core.scan.RecordScanner` finds the same records (offsets, line numbers, ids) without
+parsing them and raises the same errors; the two are tested to agree.
+"""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import replace
+import io
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
-from core.fasta import FastaError as ReadsError
-from core.fasta import Record, read_fasta
+from isal import igzip, isal_zlib
 
-__all__ = ["ReadsError", "Record", "read_records"]
+BLOCK = 1 << 20  # bytes read at a time
+BOM = b"\xef\xbb\xbf"
+GZIP_MAGIC = b"\x1f\x8b"
+WHITESPACE = b" \t\v\f"  # whitespace inside a line (line breaks are never part of a line)
+_CASAVA = re.compile(rb"[12]:[YN]:[0-9]+:")
+_MATES = (b"/1", b"/2")
+
+# Formats recognised by their first bytes, with what to do about each.
+_MAGIC: tuple[tuple[bytes, str, str], ...] = (
+    (b"\x89PNG", "a PNG image", "Pass the reads file (FASTA or FASTQ, plain or gzip)"),
+    (b"%PDF", "a PDF document", "Pass the reads file (FASTA or FASTQ, plain or gzip)"),
+    (b"PK\x03\x04", "a zip archive", "Unzip it and pass the FASTA or FASTQ files inside"),
+    (b"BZh", "bzip2-compressed data", "Decompress it with bunzip2, or recompress with gzip"),
+    (b"\xfd7zXZ\x00", "xz-compressed data", "Decompress it with unxz, or recompress with gzip"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed data", "Decompress it with `zstd -d`, or recompress with gzip"),
+    (b"BAM\x01", "a BAM file (binary alignments)", "Convert it to FASTQ first: `samtools fastq in.bam > reads.fastq`"),
+    (b"CRAM", "a CRAM file (binary alignments)", "Convert it to FASTQ first: `samtools fastq in.cram > reads.fastq`"),
+    (b"NCBI.sra", "an SRA archive", "Extract the reads first: `fasterq-dump run.sra`"),
+    (b"\x89HDF", "an HDF5 file (e.g. FAST5 raw signal)", "Basecall it first and pass the FASTQ output"),
+    (b"\x7fELF", "an executable", "Pass the reads file (FASTA or FASTQ, plain or gzip)"),
+)
+
+
+class ReadsError(ValueError):
+    """The input cannot be read as FASTA or FASTQ; the message names file, line and fix."""
+
+    def __init__(self, name: str, line: int, problem: str, fix: str) -> None:
+        self.name, self.line = name, line
+        super().__init__(f"{name}, line {line}: {problem}. {fix}")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One read: output id (after the mate rule), letters as in the file."""
+
+    id: str
+    sequence: str
+    line: int  # 1-based line number of the header
+    status: str | None = None  # None when the record can be scored, else the reason why not
+
+
+def read_id(header: bytes) -> bytes:
+    """The output id of a header line given without its '>'/'@' and line break; b"" if none.
+
+    The mate rule of the module docstring: ``name 1:N:0:ACGT`` gives ``name/1``.
+    """
+    fields = header.split(None, 1)
+    if not fields:
+        return b""
+    first = fields[0]
+    if len(fields) == 2 and not first.endswith(_MATES) and _CASAVA.match(fields[1]):
+        return first + b"/" + fields[1][:1]
+    return first
 
 
 def read_records(stream: BinaryIO, name: str, first_line: int = 1) -> Iterator[Record]:
-    for record in read_fasta(stream, name):
-        yield replace(record, line=record.line + first_line - 1)
+    """Yield the records of a plain or gzip FASTA or FASTQ byte stream, in file order.
+
+    `first_line` is the line number of the stream's first byte: a reader started at a
+    record's byte offset (from `core.scan`) passes the record's line so messages stay right.
+    """
+    batches = _line_batches(decompressed(stream, name), name, first_line)
+    start = _first_record(batches, name)
+    if start is None:
+        return
+    fastq, batches = start
+    yield from (_fastq(batches, name) if fastq else _fasta(batches, name))
+
+
+def open_records(path: str) -> Iterator[Record]:
+    """Records of a local FASTA or FASTQ file (plain or gzip)."""
+    with open(path, "rb") as handle:
+        yield from read_records(handle, path)
+
+
+def mark_duplicates(records: Iterable[Record], seen: set[str]) -> Iterator[Record]:
+    """Give every repeat of an id already in `seen` the status ``duplicate_id``.
+
+    `seen` is updated in place, so one set spans several input files of a run.
+    """
+    for record in records:
+        if record.id in seen:
+            yield replace(record, status="duplicate_id")
+        else:
+            seen.add(record.id)
+            yield record
+
+
+def decompressed(stream: BinaryIO, name: str) -> BinaryIO:
+    """The stream itself, or its gzip content (any number of members), refusing known
+    binary formats by their magic bytes."""
+    if not hasattr(stream, "peek"):
+        stream = io.BufferedReader(stream)  # type: ignore[arg-type]
+    head = stream.peek(16)[:16]  # type: ignore[attr-defined]
+    if head[:2] == GZIP_MAGIC:
+        return igzip.IGzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
+    refuse_binary(head, name)
+    return stream
+
+
+def refuse_binary(head: bytes, name: str) -> None:
+    """Raise a `ReadsError` naming the format if `head`, a stream's first bytes (after
+    decompression, if any), is a known binary format."""
+    for magic, kind, fix in _MAGIC:
+        if head.startswith(magic):
+            raise ReadsError(name, 1, f"this is {kind}, not FASTA or FASTQ text", fix)
+
+
+def damage(name: str, line: int, kind: str, **details: object) -> ReadsError:
+    """The `ReadsError` for one kind of structural damage (shared with `core.scan`, so the
+    reader and the scanner word every error alike)."""
+    problem, fix = _DAMAGE[kind]
+    return ReadsError(name, line, problem.format(**details), fix)
+
+
+_FASTQ_SHAPE = "FASTQ records are exactly 4 lines: '@' header, sequence, '+', quality (multi-line FASTQ is not supported)"
+_DAMAGE = {
+    "nul": (
+        "binary data (a NUL byte) where FASTA or FASTQ text was expected",
+        "Pass a FASTA or FASTQ file (plain text or gzip), not a binary or compressed archive.",
+    ),
+    "gzip": (
+        "the gzip stream is damaged or truncated ({error})",
+        "Re-download or re-compress the file; check it with `gzip -t`.",
+    ),
+    "not_reads": (
+        "text before the first record: the first line that is not blank starts with neither "
+        "'>' (FASTA) nor '@' (FASTQ)",
+        "Pass a FASTA or FASTQ file; is this one?",
+    ),
+    "no_id": (
+        "a '{marker}' header with no id after it",
+        "Give every record an id right after '{marker}' (e.g. '{marker}read_1').",
+    ),
+    "not_utf8": (
+        "the header is not UTF-8 text",
+        "Pass a FASTA or FASTQ text file; binary or mis-encoded files cannot be read.",
+    ),
+    "fastq_header": (
+        "expected a FASTQ header starting with '@', found {found}",
+        f"{_FASTQ_SHAPE}; check the file is complete and unwrapped.",
+    ),
+    "fastq_plus": (
+        "expected the '+' line of the FASTQ record whose header is line {header}, found {found}",
+        f"{_FASTQ_SHAPE}; unwrap multi-line FASTQ (e.g. `seqkit seq -w 0`).",
+    ),
+    "fastq_quality": (
+        "the quality line has {quality} characters for a sequence of {bases} (FASTQ record whose header is line {header})",
+        "Quality and sequence must be equally long; the file may be cut short or edited. Re-create it.",
+    ),
+    "fastq_truncated": (
+        "the last FASTQ record is cut short: {lines} of its 4 lines",
+        "The file is probably truncated; re-download or re-create it.",
+    ),
+    "fastq_blank": (
+        "a blank line between FASTQ records",
+        f"{_FASTQ_SHAPE}, with no blank lines between records; remove the blank lines.",
+    ),
+}
+
+
+def describe(line: bytes) -> str:
+    """A short quotation of a line for messages."""
+    if not line.strip():
+        return "a blank line"
+    text = line[:20].decode("utf-8", "replace")
+    return f"'{text}...'" if len(line) > 20 else f"'{text}'"
+
+
+# Lines: batches of complete lines, line breaks (LF, CRLF, CR) removed.
+
+def _line_batches(data: BinaryIO, name: str, first_line: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(line number of the first line, lines) per block; a NUL byte ends the stream with an
+    error once the lines before it have been handed out."""
+    number = first_line
+    carry = b""
+    first = True
+    while True:
+        try:
+            block = data.read(BLOCK)
+        except (OSError, EOFError, zlib.error, isal_zlib.error) as exc:
+            raise damage(name, number + carry.count(b"\n"), "gzip", error=exc) from None
+        if first:
+            first = False
+            if block.startswith(BOM):
+                block = block[len(BOM):]
+            refuse_binary(block[:16], name)
+        if not block:
+            break
+        text = carry + block
+        if b"\r" in text:
+            held = b"\r" if text.endswith(b"\r") else b""  # maybe half of a CRLF
+            text = text[: len(text) - len(held)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        else:
+            held = b""
+        cut = text.rfind(b"\n") + 1
+        carry = text[cut:] + held
+        nul = text.find(b"\x00", 0, cut)
+        if nul >= 0:
+            bad = number + text.count(b"\n", 0, nul)
+            yield number, text[: text.rfind(b"\n", 0, nul) + 1].split(b"\n")[:-1]
+            raise damage(name, bad, "nul")
+        if cut:
+            lines = text[:cut].split(b"\n")
+            lines.pop()
+            yield number, lines
+            number += len(lines)
+    if carry:
+        text = carry.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\x00" in text:
+            yield number, text[: text.rfind(b"\n", 0, text.find(b"\x00")) + 1].split(b"\n")[:-1]
+            raise damage(name, number + text.count(b"\n", 0, text.find(b"\x00")), "nul")
+        lines = text.split(b"\n")
+        if not lines[-1]:
+            lines.pop()
+        yield number, lines
+
+
+def _first_record(
+    batches: Iterator[tuple[int, list[bytes]]], name: str
+) -> tuple[bool, Iterator[tuple[int, list[bytes]]]] | None:
+    """Skip leading blank lines; (is FASTQ, the batches from the first record on), or None
+    for a stream with no record."""
+    for number, lines in batches:
+        for index, line in enumerate(lines):
+            fastq = first_record_format(line, number + index, name)
+            if fastq is None:
+                continue
+
+            def rest(
+                number: int = number + index, lines: list[bytes] = lines[index:]
+            ) -> Iterator[tuple[int, list[bytes]]]:
+                yield number, lines
+                yield from batches
+
+            return fastq, rest()
+    return None
+
+
+def first_record_format(line: bytes, number: int, name: str) -> bool | None:
+    """For a line before any record: None if blank, else whether it starts a FASTQ record
+    (True) or a FASTA one (False); anything else is a `ReadsError`."""
+    stripped = line.strip(WHITESPACE)
+    if not stripped:
+        return None
+    if stripped[:1] == b">":
+        return False
+    if line[:1] == b"@":
+        return True
+    raise damage(name, number, "not_reads")
+
+
+def _header_id(header: bytes, name: str, line: int, marker: str) -> str:
+    ident = read_id(header)
+    if not ident:
+        raise damage(name, line, "no_id", marker=marker)
+    try:
+        return ident.decode("utf-8")
+    except UnicodeDecodeError:
+        raise damage(name, line, "not_utf8") from None
+
+
+def _fasta(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[Record]:
+    ident = ""
+    header_line = 0
+    parts: list[bytes] = []
+    for number, lines in batches:
+        for index, line in enumerate(lines):
+            first = line[:1]
+            if first != b">" and (first not in WHITESPACE or line.lstrip(WHITESPACE)[:1] != b">"):
+                parts.append(line)
+                continue
+            if header_line:
+                yield _fasta_record(ident, header_line, parts)
+            header_line = number + index
+            ident = _header_id(line.lstrip(WHITESPACE)[1:], name, header_line, ">")
+            parts = []
+    if header_line:
+        yield _fasta_record(ident, header_line, parts)
+
+
+def _fasta_record(ident: str, line: int, parts: list[bytes]) -> Record:
+    sequence = b"".join(parts)
+    if sequence.isalpha():  # bytes.isalpha: ASCII letters only
+        return Record(ident, sequence.decode("ascii"), line)
+    sequence = sequence.translate(None, WHITESPACE)
+    if not sequence:
+        return Record(ident, "", line, "empty")
+    text = sequence.decode("latin-1")
+    return Record(ident, text, line, None if sequence.isalpha() else "invalid_characters")
+
+
+def _fastq(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[Record]:
+    held: list[bytes] = []  # lines of a record cut by the end of a batch
+    held_number = 0
+    blank_line = 0  # a blank line where a header belongs: fine only if nothing but blanks follows
+    for number, lines in batches:
+        if held:
+            lines, number = held + lines, held_number
+        if blank_line:
+            only_blanks(lines, blank_line, name)
+            continue
+        whole = len(lines) - len(lines) % 4
+        held, held_number = lines[whole:], number + whole
+        line = number - 4
+        four = iter(lines)
+        for header, sequence, plus, quality in zip(four, four, four, four):
+            line += 4
+            if header[:1] != b"@" or plus[:1] != b"+" or len(quality) != len(sequence):
+                if not header.strip(WHITESPACE):
+                    blank_line = line
+                    only_blanks(lines[line - number :], blank_line, name)
+                    held = []
+                    break
+                raise fastq_record_damage(header, sequence, plus, quality, line, name)
+            ident = _header_id(header[1:], name, line, "@")
+            if sequence.isalpha():
+                yield Record(ident, sequence.decode("ascii"), line)
+            elif not sequence:
+                yield Record(ident, "", line, "empty")
+            else:
+                yield Record(ident, sequence.decode("latin-1"), line, "invalid_characters")
+    if held and not blank_line:
+        if not held[0].strip(WHITESPACE):
+            only_blanks(held, held_number, name)
+        else:
+            raise fastq_tail_damage(held, held_number, name)
+
+
+def fastq_record_damage(
+    header: bytes, sequence: bytes, plus: bytes, quality: bytes, line: int, name: str
+) -> ReadsError:
+    """The error for a 4-line FASTQ record (header at `line`) that is not well formed."""
+    if header[:1] != b"@":
+        return damage(name, line, "fastq_header", found=describe(header))
+    _header_id(header[1:], name, line, "@")  # a header's own damage comes first
+    if plus[:1] != b"+":
+        return damage(name, line + 2, "fastq_plus", header=line, found=describe(plus))
+    return damage(name, line + 3, "fastq_quality", quality=len(quality), bases=len(sequence), header=line)
+
+
+def fastq_tail_damage(lines: list[bytes], line: int, name: str) -> ReadsError:
+    """The error for the 1 to 3 lines of a FASTQ record cut by the end of the stream."""
+    if lines[0][:1] != b"@":
+        return damage(name, line, "fastq_header", found=describe(lines[0]))
+    _header_id(lines[0][1:], name, line, "@")
+    if len(lines) == 3 and lines[2][:1] != b"+":
+        return damage(name, line + 2, "fastq_plus", header=line, found=describe(lines[2]))
+    return damage(name, line, "fastq_truncated", lines=len(lines))
+
+
+def only_blanks(lines: list[bytes], blank_line: int, name: str) -> None:
+    """After a blank line (at `blank_line`) where a FASTQ header belongs, only blank lines
+    may follow."""
+    for line in lines:
+        if line.strip(WHITESPACE):
+            raise damage(name, blank_line, "fastq_blank")

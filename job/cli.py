@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from core.errors import ModelLoadError
-from core.fasta import FastaError
+from core.reads import ReadsError
 from job import exit_codes
 from job.config import RunConfig
 from job.log import configure, get_logger
@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure()
     try:
         return args.handler(args)
-    except (FastaError, ModelLoadError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+    except (ReadsError, ModelLoadError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         print(f"virnucpro: error: {exc}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     except ValueError as exc:  # bad arguments found past argparse (chunk length, classifier format)
@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _translate(args: argparse.Namespace) -> int:
-    from core.fasta import open_fasta
+    from core.reads import open_records
     from core.frames import chunk_record, open_frames
     from core.outputs import chunk_fasta, frame_fasta
 
@@ -115,7 +115,7 @@ def _translate(args: argparse.Namespace) -> int:
         open(out / "identified_nucleotide.fa", "w") as nucleotides,
         open(out / "identified_protein.faa", "w") as proteins,
     ):
-        for record in open_fasta(args.input):
+        for record in open_records(args.input):
             if record.status is not None:
                 skipped[record.status] = skipped.get(record.status, 0) + 1
                 continue

@@ -181,7 +181,7 @@ def test_non_finite_embeddings_fail_loudly_with_the_offending_inputs(esm_path):
 def test_pipelined_predictor_equals_sequential(tmp_path, reference):
     """Host work of group g + 1 while group g runs: same results, same order."""
     from core.classifier import load_classifier
-    from core.fasta import read_fasta
+    from core.reads import read_records as read_fasta
     from core.pipeline import Predictor
     from job.cli import main
 
@@ -205,7 +205,7 @@ def test_pipelined_predictor_equals_sequential(tmp_path, reference):
 
 def test_a_read_error_still_answers_the_reads_before_it(tmp_path):
     from core.classifier import load_classifier
-    from core.fasta import Record
+    from core.reads import Record
     from core.pipeline import Predictor
     from job.cli import main
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from core.fasta import mark_duplicates, open_fasta
+from core.reads import mark_duplicates, open_records as open_fasta
 from job.errors import BadInput
 from job.inputs import resolve_inputs
 from job.plan import Segment, load_plan, plan_run, shard_records

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.fasta import Record
+from core.reads import Record
 from core.outputs import FrameScore, ReadSummary
 from core.pipeline import ReadResult
 from job.config import RunConfig
