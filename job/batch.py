@@ -31,7 +31,7 @@ from job.config import RunConfig
 from job.errors import BadInput, Interrupted
 from job.inputs import resolve_inputs
 from job.log import get_logger
-from job.merge import DEMO_WARNING, FAILED, MergeClaim, MergeInputs, merge, read_marker
+from job.merge import DEMO_WARNING, FAILED, MERGE_KEY, MergeClaim, MergeInputs, merge, read_marker
 from job.models import LocalModel, localize_model
 from job.plan import Plan, plan_run
 from job.spot import SpotWatcher
@@ -165,6 +165,7 @@ class _BatchRun:
                 except BaseException:
                     claim.release()
                     raise
+            claim.observer.log_waiting(self.log, "waiting_for_merge", MERGE_KEY)
             self.stop.wait(poll)
         return marker
 
