@@ -1,7 +1,15 @@
 """Errors that core/ raises for problems the user can fix, so callers can report them plainly."""
 
 
-class ModelLoadError(ValueError):
+class UserError(Exception):
+    """A problem the user can fix (input, model or argument): the message names it and the fix.
+
+    The one base class of such errors: the CLI and the workers print it in one line, without a
+    traceback, and exit 65; any other exception is a bug (exit 1).
+    """
+
+
+class ModelLoadError(UserError, ValueError):
     """A model source (directory, hub id or weight file) cannot be loaded as given.
 
     The message names the source and says what to do; callers print it without a traceback.

@@ -34,8 +34,10 @@ from job import exit_codes
 from job.config import RunConfig
 from job.errors import BadInput, Interrupted
 from job.inputs import resolve_inputs
+from job.lease import ExpiryObserver, Renewer
+from job.lease import claim as take_claim
 from job.log import get_logger
-from job.merge import DEMO_WARNING, FAILED, KeepRenewed, MergeClaim, MergeInputs, merge, read_marker
+from job.merge import DEMO_WARNING, FAILED, MERGE_KEY, MergeClaim, MergeInputs, merge, read_marker
 from job.models import LocalModel, localize_model
 from job.plan import PLANNER_KEY, Plan, Planner, load_plan, plan_header
 from job.spot import SpotWatcher
@@ -196,23 +198,27 @@ class _BatchRun:
                 except BaseException:
                     claim.release()
                     raise
+            claim.observer.log_waiting(self.log, "waiting_for_merge", MERGE_KEY)
             self.stop.wait(poll)
         return marker
 
 
 class _PlanThread(threading.Thread):
-    """Plans the run when this process holds the planner claim; stands by otherwise, and
-    takes the claim over when the planner holding it stops renewing it."""
+    """Plans the run when this process holds the planner claim (`_run/planner.json`, a
+    lease: job/lease.py); stands by otherwise, and takes the claim over when the planner
+    holding it stops renewing it (the new planner re-scans and re-creates identical objects)."""
 
     def __init__(
         self, store: Store, plan: Plan, endpoint: str | None, stop: threading.Event, owner: str, lease_seconds: float,
     ) -> None:
         super().__init__(daemon=True, name="planner")
         self.store, self.plan, self.endpoint, self.stop = store, plan, endpoint, stop
-        self.claim = MergeClaim(store, owner, lease_seconds, key=PLANNER_KEY)
+        self.owner, self.lease_seconds = owner, lease_seconds
+        self.observer = ExpiryObserver()
         self.exception: BaseException | None = None
         self._finished = threading.Event()
         self._poll = min(lease_seconds / 4, 2.0)
+        self.log = get_logger(run_id=plan.run_id)
 
     def run(self) -> None:
         try:
@@ -220,20 +226,18 @@ class _PlanThread(threading.Thread):
                 plan = load_plan(self.store, self.plan)
                 if plan is None or plan.complete or plan.error:
                     return
-                if self.claim.acquire():
-                    renewer = KeepRenewed(self.claim)
-                    renewer.start()
-                    try:
-                        Planner(self.store, self.plan, self.endpoint, self.stop).scan()
-                    finally:
-                        renewer.stop()
-                        self.claim.release()
+                lease = take_claim(self.store, PLANNER_KEY, self.owner, self.lease_seconds, self.observer)
+                if lease is not None:
+                    with Renewer(lease, self.log):
+                        Planner(self.store, self.plan, self.endpoint, self.stop, lost=lease.lost).scan()
+                    lease.release()
                     return
+                self.observer.log_waiting(self.log, "waiting_for_planner", PLANNER_KEY)
                 self._finished.wait(self._poll)
         except Interrupted:
             return
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-            get_logger(run_id=self.plan.run_id).error("planner_error", error=f"{type(exc).__name__}: {exc}")
+            self.log.error("planner_error", error=f"{type(exc).__name__}: {exc}")
             self.exception = exc
 
     def finish(self) -> None:

@@ -6,10 +6,13 @@ they were interrupted. Each is then uploaded to its final key (S3 multipart abov
 parts; atomic either way), and `_SUCCESS` (or `_FAILED`, when shards failed) is written
 last: a run is finished exactly when one of the two exists.
 
-One process merges, chosen by a conditional create of `_run/merge.json`; it renews that
-claim while it works and checks it once more before writing the marker. Should it die,
-another takes the claim over once it expires. A second merge would produce the same bytes,
-so the claim saves work rather than guarding correctness.
+One process merges, chosen by the claim `_run/merge.json` (a lease, job/lease.py); it renews
+that claim while it works and checks it, and that no marker exists yet, before each upload
+and before the marker. Should it die, another takes the claim over once it expires. A
+second merge would produce the same bytes, so the claim saves work rather than guarding
+correctness; the marker is written with a conditional create, so a stale merger can never
+rewrite the marker of a finished run. After `_SUCCESS` the parts are deleted; after
+`_FAILED` they are kept, so that `--retry-failed` reruns only the failed shards.
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import json
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +36,8 @@ import numpy as np
 from core.outputs import HIGHEST_HEADER, PREDICTION_HEADER, READS_HEADER, ReadSummary, reads_line
 from job.errors import Interrupted
 from job.features import FeatureWriter
+from job.lease import Claim, ExpiryObserver, Lease, Renewer
+from job.lease import claim as take_claim
 from job.log import get_logger
 from job.parts import decode_features, decode_rows
 from job.plan import INPUT_COPIES, Plan, shard_records
@@ -78,85 +82,66 @@ class MergeInputs:
 
 
 class MergeClaim:
-    """The right to merge (or to plan, with `key` `_run/planner.json`), held through a
-    conditionally written, renewed object."""
+    """The right to merge: the plain claim `_run/merge.json` (job/lease.py), renewed while merging."""
 
-    def __init__(self, store: Store, owner: str, lease_seconds: float, key: str = MERGE_KEY) -> None:
-        self.store, self.owner, self.lease_seconds, self.key = store, owner, lease_seconds, key
-        self.etag: str | None = None
-        self._lock = threading.Lock()
+    def __init__(self, store: Store, owner: str, lease_seconds: float, observer: ExpiryObserver | None = None) -> None:
+        self.store, self.owner, self.lease_seconds = store, owner, lease_seconds
+        self.observer = observer or ExpiryObserver()
+        self.lease: Lease[Claim] | None = None
 
     def acquire(self) -> bool:
-        stored = self.store.get(self.key)
-        if stored is None:
-            self.etag = self.store.create(self.key, self._body())
-        elif json.loads(stored.data)["expires"] < time.time():  # its merger died: take over
-            self.etag = self.store.replace(self.key, self._body(), stored.etag)
-        return self.etag is not None
+        self.lease = take_claim(self.store, MERGE_KEY, self.owner, self.lease_seconds, self.observer)
+        return self.lease is not None
 
     def renew(self) -> bool:
-        with self._lock:
-            if self.etag is not None:
-                self.etag = self.store.replace(self.key, self._body(), self.etag)
-            return self.etag is not None
+        return self.lease is not None and self.lease.renew()
 
     def release(self) -> None:
-        with self._lock:
-            if self.etag is not None:
-                self.store.replace(self.key, self._body(expires=0.0), self.etag)
-                self.etag = None
-
-    def _body(self, expires: float | None = None) -> bytes:
-        deadline = time.time() + self.lease_seconds if expires is None else expires
-        return json.dumps({"owner": self.owner, "expires": deadline, "nonce": uuid.uuid4().hex}).encode()
-
-
-class KeepRenewed(threading.Thread):
-    def __init__(self, claim: MergeClaim) -> None:
-        super().__init__(daemon=True)
-        self.claim = claim
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(min(self.claim.lease_seconds / 3, 10.0)):
-            try:
-                if not self.claim.renew():
-                    return
-            except Exception as exc:  # noqa: BLE001 - retried next interval; checked before the marker
-                get_logger().warning("merge_claim_renewal_failed", error=f"{type(exc).__name__}: {exc}")
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
 
 def merge(store: Store, plan: Plan, inputs: MergeInputs, claim: MergeClaim, stop: threading.Event) -> tuple[str, dict]:
     """Write the final outputs and the marker; returns the marker's name and body."""
     log = get_logger(run_id=plan.run_id)
+    assert claim.lease is not None, "merge() needs an acquired MergeClaim"
+    if (finished := read_marker(store)) is not None:  # finished while we took the claim
+        return finished
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
         states = list(pool.map(lambda shard: read_shard(store, shard.index)[0], plan.shards))
     assert plan.complete and all(state.final for state in states), "merge started before every shard was final"
-    renewer = KeepRenewed(claim)
-    renewer.start()
-    try:
-        with tempfile.TemporaryDirectory(prefix="virnucpro-merge-") as tmp:
-            summary = _assemble(store, plan, states, inputs, Path(tmp), stop)
-            names = [PREDICTIONS, HIGHEST, READS] + ([FEATURES] if inputs.write_features else [])
-            summary["files"] = {name: _describe(Path(tmp) / name) for name in names}
-            for name in names:
-                if stop.is_set():
-                    raise Interrupted("stopped while uploading the outputs")
-                store.upload(name, str(Path(tmp) / name))
-                log.info("output_written", file=name, **summary["files"][name])
-    finally:
-        renewer.stop()
+    with Renewer(claim.lease, log), tempfile.TemporaryDirectory(prefix="virnucpro-merge-") as tmp:
+        summary = _assemble(store, plan, states, inputs, Path(tmp), stop)
+        names = [PREDICTIONS, HIGHEST, READS] + ([FEATURES] if inputs.write_features else [])
+        summary["files"] = {name: _describe(Path(tmp) / name) for name in names}
+        for name in names:
+            _check_still_merging(store, claim, stop)
+            store.upload(name, str(Path(tmp) / name))
+            log.info("output_written", file=name, **summary["files"][name])
+    _check_still_merging(store, claim, stop)
     if not claim.renew():
         raise Interrupted("lost the merge claim to another process; it finishes the run")
     marker = FAILED if summary["failed_shards"] else SUCCESS
-    store.put(marker, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
+    # Created, never overwritten: a stale merger cannot rewrite the marker of a finished run.
+    if store.create(marker, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n") is None:
+        finished = read_marker(store)
+        assert finished is not None
+        return finished
     log.info("run_finished", marker=marker, reads=summary["reads"], frames=summary["frames"])
-    store.delete(store.list(PARTS_PREFIX) + store.list(INPUT_COPIES))
+    if marker == SUCCESS:  # after _FAILED the parts stay, for --retry-failed
+        store.delete(store.list(PARTS_PREFIX) + store.list(INPUT_COPIES))
     return marker, summary
+
+
+def _check_still_merging(store: Store, claim: MergeClaim, stop: threading.Event) -> None:
+    """Stop before writing anything more when stopped, fenced, or the run got its marker."""
+    if stop.is_set():
+        raise Interrupted("stopped while uploading the outputs")
+    if claim.lease is None or claim.lease.lost.is_set():
+        raise Interrupted("lost the merge claim to another process; it finishes the run")
+    if read_marker(store) is not None:
+        raise Interrupted("another process finished the run meanwhile")
 
 
 def _assemble(

@@ -310,9 +310,10 @@ class Planner:
 
     def __init__(
         self, store: Store, plan: Plan, endpoint_url: str | None, stop: threading.Event,
-        block_delay: float = 0.0,
+        block_delay: float = 0.0, lost: threading.Event | None = None,
     ) -> None:
         self.store, self.plan, self.endpoint, self.stop = store, plan, endpoint_url, stop
+        self.lost = lost  # set when another starter took the planner claim over: stop scanning
         self.block_delay = block_delay  # tests: slow the scan down to watch shards appear
         self.log = get_logger(run_id=plan.run_id)
         self.seen = SeenIds()
@@ -364,6 +365,8 @@ class Planner:
             while True:
                 if self.stop.is_set():
                     raise Interrupted("stopped while planning")
+                if self.lost is not None and self.lost.is_set():
+                    raise Interrupted("another starter took the planner claim over")
                 try:
                     block = text.read(SCAN_BLOCK)
                 except (OSError, EOFError, zlib.error) as exc:

@@ -6,7 +6,7 @@ its two operations that decide races are conditional writes:
 - `create` succeeds for exactly one writer of a key (S3 If-None-Match: "*"; locally a hard
   link, which fails when the name exists);
 - `replace` succeeds only while the object still has the ETag the writer read (S3 If-Match;
-  locally the same check under an exclusive file lock, then an atomic rename).
+  locally a hard link that names the successor of that version, see `LocalStore`).
 
 A conditional write can be retried after its response was lost (a 5xx after the object was
 stored): the retry then finds the object already there. Callers therefore write bodies that
@@ -17,7 +17,6 @@ Every write is atomic: readers see the old object or the new one, never a partia
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
@@ -130,18 +129,35 @@ class S3Store:
 
 
 class LocalStore:
-    """A directory on one machine's filesystem, with the same atomicity as S3."""
+    """A directory on one machine's filesystem, with the same atomicity as S3, and no locks.
+
+    `create` hard-links a complete temporary file to the key's name: it fails when the name
+    exists. `replace` hard-links the new version as the successor of the version it
+    replaces, `.<name>.next/<etag>`: each version can have one successor only, so of several
+    writers of one version exactly one wins, without any lock that a stopped process (SIGSTOP,
+    a laptop's suspend) could hold forever. The winner then renames a copy over the key's own
+    file, for people and tools that read it; `get` follows successors from that file, so a
+    writer stopped between its link and its rename delays nobody. Successors are kept until
+    the key is deleted (a stale rename could otherwise bring an old version back).
+    """
 
     def __init__(self, uri: str) -> None:
         self.root = Path(uri).expanduser().absolute()
         self.uri = str(self.root)
 
     def get(self, key: str) -> Versioned | None:
+        path = self.root / key
         try:
-            data = (self.root / key).read_bytes()
-        except FileNotFoundError:
+            data = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
             return None
-        return Versioned(data, _etag(data))
+        etag = _etag(data)
+        while True:  # the file may lag behind the versions `replace` linked after it
+            try:
+                data = (_successors(path) / etag.strip('"')).read_bytes()
+            except (FileNotFoundError, NotADirectoryError):
+                return Versioned(data, etag)
+            etag = _etag(data)
 
     def create(self, key: str, data: bytes) -> str | None:
         path = self.root / key
@@ -156,13 +172,23 @@ class LocalStore:
 
     def replace(self, key: str, data: bytes, etag: str) -> str | None:
         path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            current = self.get(key)
-            if current is None or current.etag != etag:
-                return _ours(current, data)
-            os.replace(self._write_temp(path, data), path)
+        current = self.get(key)
+        if current is None or current.etag != etag:
+            return _ours(current, data)
+        tmp = self._write_temp(path, data)
+        try:
+            _successors(path).mkdir(exist_ok=True)
+            os.link(tmp, _successors(path) / etag.strip('"'))  # the compare-and-swap
+        except FileExistsError:
+            tmp.unlink()
+            return _ours(self.get(key), data)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:
+            os.replace(tmp, path)
+        except OSError:  # the version is stored (linked); readers follow the link to it
+            tmp.unlink(missing_ok=True)
         return _etag(data)
 
     def put(self, key: str, data: bytes) -> None:
@@ -173,8 +199,12 @@ class LocalStore:
         target = self.root / key
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial copy behind
+            raise
 
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix
@@ -184,23 +214,34 @@ class LocalStore:
         keys = []
         for path in directory.rglob("*"):
             key = path.relative_to(self.root).as_posix()
-            if path.is_file() and key.startswith(prefix) and not _is_internal(path.name):
+            if path.is_file() and key.startswith(prefix) and not _is_internal(path.relative_to(self.root)):
                 keys.append(key)
         return sorted(keys)
 
     def delete(self, keys: Iterable[str]) -> None:
         for key in keys:
-            (self.root / key).unlink(missing_ok=True)
+            path = self.root / key
+            path.unlink(missing_ok=True)
+            shutil.rmtree(_successors(path), ignore_errors=True)
 
     @staticmethod
     def _write_temp(path: Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+            raise
         return tmp
+
+
+def _successors(path: Path) -> Path:
+    """Where `LocalStore.replace` links the successor of each version of `path`."""
+    return path.with_name(f".{path.name}.next")
 
 
 def _etag(data: bytes) -> str:
@@ -212,8 +253,9 @@ def _ours(current: Versioned | None, data: bytes) -> str | None:
     return current.etag if current is not None and current.data == data else None
 
 
-def _is_internal(name: str) -> bool:
-    return name.endswith((".lock", ".tmp"))
+def _is_internal(relative: Path) -> bool:
+    """Temporary files and successor links: never keys of their own."""
+    return relative.name.endswith(".tmp") or any(part.endswith(".next") for part in relative.parts[:-1])
 
 
 def _code(exc: ClientError) -> str:

@@ -7,8 +7,13 @@ key only it uses and commits it into the shard's record by compare-and-swap. A b
 thread renews the lease; when a renewal or commit is refused the shard was taken over and
 the worker drops it without committing anything more.
 
-SIGTERM/SIGINT (forwarded by the parent, or the parent's death) make it stop reading input,
-finish the batch in flight, commit it as a last part, release its lease and exit 75.
+SIGTERM/SIGINT (forwarded by the parent) or the parent's death make it stop reading input,
+finish the group in flight, commit it as a last part, release its lease and exit 75. A group
+can take minutes on a CPU, longer than `--grace-seconds`: shortly before the grace period
+ends (`GRACE_SHARE` of it) the worker releases its lease itself and exits 75 at once; the
+unfinished group is redone later from the last committed part. A stop is never an error: it
+does not count towards `--max-attempts`. The handlers are installed before torch is
+imported or a model loaded; a full local disk exits 75, a read-only one 65, in one line.
 """
 from __future__ import annotations
 
@@ -24,23 +29,25 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
+from typing import TYPE_CHECKING
 
-import torch
-
-from core.errors import ModelLoadError
-from core.reads import Record
-from core.pipeline import Predictor, ReadResult, load_predictor, resolve_device
 from job import exit_codes
 from job.config import RunConfig
-from job.errors import BadInput
+from job.errors import BadInput, disk_error_code, disk_error_message, user_error_code
+from job.lease import ExpiryObserver, Renewer
 from job.log import configure, get_logger
 from job.parts import encode_features, encode_rows
 from job.plan import Plan, load_plan, shard_records
-from job.shards import Lease, Part, claim, read_shard
+from job.shards import Part, ShardLease, claim, read_shard, shard_key
 from job.store import Store, open_store
+
+if TYPE_CHECKING:  # torch is imported by main() once the signal handlers are in place
+    from core.reads import Record
+    from core.pipeline import Predictor, ReadResult
 
 PROGRESS_SECONDS = 30.0
 PLAN_POLL_SECONDS = 0.5  # how often a worker with nothing to do looks for newly published shards
+GRACE_SHARE = 0.8  # of --grace-seconds: when a stopping worker gives its lease back and exits
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,9 @@ class WorkerSpec:
 
 def command(spec: WorkerSpec) -> list[str]:
     """The argv that starts a worker for `spec`."""
-    return [sys.executable, "-m", "job.worker", spec.to_json()]
+    # -P: nothing is imported from the directory the job was started in (a stray
+    # `concurrent.py` there would run inside the worker); PYTHONPATH still applies.
+    return [sys.executable, "-P", "-m", "job.worker", spec.to_json()]
 
 
 def claim_order(shards: int, slot: int, slots: int, worker: int, workers: int) -> list[int]:
@@ -90,14 +99,29 @@ def claim_order(shards: int, slot: int, slots: int, worker: int, workers: int) -
     return own + slot_rest + others[::-1]
 
 
+def owner_prefix(pid: int) -> str:
+    """How the owner ids of the worker with this pid on this machine begin."""
+    return f"{socket.gethostname()}-{pid}-"
+
+
 class Worker:
     def __init__(
-        self, spec: WorkerSpec, store: Store, plan: Plan, predictor: Predictor, device: str, stop: threading.Event
+        self,
+        spec: WorkerSpec,
+        store: Store,
+        plan: Plan,
+        predictor: Predictor,
+        device: str,
+        stop: threading.Event,
+        observer: ExpiryObserver | None = None,
     ) -> None:
         self.spec, self.config, self.store, self.plan, self.stop = spec, spec.config, store, plan, stop
         self.predictor, self.device = predictor, device
-        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.observer = observer or ExpiryObserver()
+        self.owner = f"{owner_prefix(os.getpid())}{uuid.uuid4().hex[:6]}"
         self.log = get_logger(run_id=plan.run_id, worker=self.owner)
+        self.current: ShardLease | None = None  # the lease held now, for stop_now()
+        self.writing = threading.Lock()  # held while a part is written and committed
 
     def run(self) -> int:
         config = self.config
@@ -133,6 +157,7 @@ class Worker:
                     waiting = True
                 self.stop.wait(PLAN_POLL_SECONDS)
             else:  # the rest is leased by others: wait for them to finish, or for a lease to expire
+                self._log_waiting(order, final)
                 self.stop.wait(poll)
         self.log.info("worker_stopped", **self._memory())
         return exit_codes.INTERRUPTED
@@ -141,34 +166,41 @@ class Worker:
         """Peak GPU memory this worker allocated, for the log (nothing on the CPU)."""
         if not self.device.startswith("cuda"):
             return {}
+        import torch
+
         return {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
-    def _next_lease(self, order: list[int], final: set[int]) -> Lease | None:
+    def _next_lease(self, order: list[int], final: set[int]) -> ShardLease | None:
         for index in order:
             if self.stop.is_set():
                 return None
             if index in final:
                 continue
-            state, _ = read_shard(self.store, index)
+            state, etag = read_shard(self.store, index)
             if state.final:
                 final.add(index)
                 continue
-            if state.leased(time.time()):
-                continue
-            lease = claim(
-                self.store, index, self.owner, self.config.lease_seconds,
-                self.config.max_attempts, self.device,
-            )
+            if self.observer.see(shard_key(index), etag, state.owner, state.lease_seconds) > 0:
+                continue  # held by someone else, who renewed it lately
+            lease = claim(self.store, index, self.owner, self.config.lease_seconds, self.device, self.observer)
             if lease is not None:
                 return lease
         return None
 
-    def _process(self, lease: Lease) -> None:
+    def _log_waiting(self, order: list[int], final: set[int]) -> None:
+        """Say which lease this worker waits for and how long at most (the soonest to expire)."""
+        held = [shard_key(index) for index in order if index not in final]
+        key = min(held, key=self.observer.remaining, default=None)
+        if key is not None and self.observer.holder(key) is not None:
+            self.observer.log_waiting(self.log, "waiting_for_lease", key, shard=int(key[-10:-5]))
+
+    def _process(self, lease: ShardLease) -> None:
         shard = self.plan.shards[lease.state.index]
         log = self.log.bind(shard=shard.index, attempt=lease.state.attempt)
         skip = lease.state.reads_done
         log.info("shard_claimed", reads=shard.reads, committed=skip)
-        renewer = _Renewer(lease, self.config.lease_seconds, skip, log)
+        self.current = lease
+        renewer = _ShardRenewer(lease, skip, log)
         renewer.start()
         try:
             records = islice(shard_records(self.plan, shard, self.config.s3_endpoint_url, self.store), skip, None)
@@ -183,14 +215,32 @@ class Worker:
             lease.release()
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of a shard is recorded on it
-            error = f"{type(exc).__name__}: {exc}"
+            if disk_error_code(exc) is not None:  # this machine's fault, not the shard's
+                _release_quietly(lease)
+                raise
+            error = f"{type(exc).__name__}: {_without_torch_advice(str(exc))}"
             log.error("shard_error", error=error, traceback=traceback.format_exc())
             if lease.fail(error, self.config.max_attempts) and lease.state.failed:
                 log.error("shard_failed", attempts=len(lease.state.errors))
         finally:
             renewer.stop()
+            self.current = None
 
-    def _predict_into(self, lease: Lease, records: Iterator[Record], renewer: _Renewer, log) -> None:  # noqa: ANN001
+    def stop_now(self) -> None:
+        """Give back the lease held now, without waiting for the group in flight (the grace
+        period is ending); the caller then exits. A part being written is finished first."""
+        acquired = self.writing.acquire(timeout=max(1.0, self.config.grace_seconds * (1 - GRACE_SHARE) / 2))
+        lease = self.current
+        if lease is not None and not lease.released and not lease.lost.is_set():
+            _release_quietly(lease)
+            self.log.warning(
+                "shard_released", shard=lease.state.index, committed=lease.state.reads_done,
+                message="stopped within the grace period; the unfinished group is redone later",
+            )
+        if acquired:
+            self.writing.release()
+
+    def _predict_into(self, lease: ShardLease, records: Iterator[Record], renewer: _ShardRenewer, log) -> None:  # noqa: ANN001
         """Score the records and commit parts at group boundaries only.
 
         The predictor forms groups of `group_reads` from the first record it is given, and a
@@ -219,17 +269,28 @@ class Worker:
         finally:
             results.close()
 
-    def _commit(self, lease: Lease, results: list[ReadResult], seconds: float, shard_reads: int, log) -> bool:  # noqa: ANN001
+    def _commit(self, lease: ShardLease, results: list[ReadResult], seconds: float, shard_reads: int, log) -> bool:  # noqa: ANN001
+        with self.writing:
+            return self._commit_locked(lease, results, seconds, shard_reads, log)
+
+    def _commit_locked(self, lease: ShardLease, results: list[ReadResult], seconds: float, shard_reads: int, log) -> bool:  # noqa: ANN001
         state = lease.state
         stem = f"_run/parts/{state.index:05d}/{self.owner}-a{state.attempt}-{len(state.parts):04d}"
         rows, frames = encode_rows(results)
-        self.store.put(f"{stem}.json", rows)
+        # Written only while the lease is still ours (renewed just now), and deleted again if
+        # the commit is refused: a worker that lost its shard leaves no part behind.
+        if not lease.renew(max(lease.state.processed, lease.state.reads_done + len(results))):
+            return False
+        keys = [f"{stem}.json"]
+        self.store.put(keys[0], rows)
         features = None
         if self.config.write_features:
             features = f"{stem}.npy"
+            keys.append(features)
             self.store.put(features, encode_features(results))
         part = Part(f"{stem}.json", features, len(results), frames, round(seconds, 3), time.time(), self.device)
-        if not lease.commit(part, self.config.lease_seconds, shard_reads):
+        if not lease.commit(part, shard_reads):
+            self.store.delete(keys)
             return False
         log.info(
             "part_committed", reads=len(results), frames=frames, committed=lease.state.reads_done,
@@ -238,67 +299,106 @@ class Worker:
         return True
 
 
-class _Renewer(threading.Thread):
-    """Renews a lease while its shard is being worked on; logs progress now and then."""
+class _ShardRenewer(Renewer):
+    """Renews a shard's lease with the reads processed so far; logs progress now and then."""
 
-    def __init__(self, lease: Lease, lease_seconds: float, processed: int, log) -> None:  # noqa: ANN001
-        super().__init__(daemon=True)
-        self.lease, self.lease_seconds, self.processed, self.log = lease, lease_seconds, processed, log
-        self._stopped = threading.Event()
+    def __init__(self, lease: ShardLease, processed: int, log) -> None:  # noqa: ANN001
+        super().__init__(lease, log)
+        self.processed = processed
+        self._last_log = time.monotonic()
 
-    def run(self) -> None:
-        interval = min(self.lease_seconds / 3, 10.0)
-        last_log = time.monotonic()
-        while not self._stopped.wait(interval):
-            try:
-                if not self.lease.renew(self.lease_seconds, self.processed):
-                    return
-            except Exception as exc:  # noqa: BLE001 - a failed renewal is retried next interval
-                self.log.warning("lease_renewal_failed", error=f"{type(exc).__name__}: {exc}")
-            if time.monotonic() - last_log >= PROGRESS_SECONDS:
-                last_log = time.monotonic()
-                self.log.info("shard_progress", processed=self.processed, committed=self.lease.state.reads_done)
+    def changes(self) -> dict[str, object]:
+        return {"processed": self.processed}
 
-    def stop(self) -> None:
-        self._stopped.set()
-        self.join()
+    def renewed(self) -> None:
+        if time.monotonic() - self._last_log >= PROGRESS_SECONDS:
+            self._last_log = time.monotonic()
+            self.log.info("shard_progress", processed=self.processed, committed=self.lease.state.reads_done)
+
+
+def _release_quietly(lease: ShardLease) -> None:
+    try:
+        lease.release()
+    except Exception as exc:  # noqa: BLE001 - it then expires; the stop goes on
+        get_logger().warning("lease_release_failed", shard=lease.state.index, error=f"{type(exc).__name__}: {exc}")
+
+
+def _without_torch_advice(message: str) -> str:
+    """torch's unpickling errors advise re-running with `weights_only=False`, which would run
+    any code a model file carries: that advice is never passed on."""
+    kept = [line for line in message.splitlines() if "weights_only" not in line and "WeightsUnpickler" not in line]
+    return " ".join(line.strip() for line in kept if line.strip()) or "the file could not be unpickled safely"
 
 
 def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
     """Stop when the parent dies (it was killed): a worker never outlives its job."""
     while not stop.wait(1.0):
         if os.getppid() != parent_pid:
+            get_logger().warning("parent_gone", message="the job that started this worker is gone; stopping")
             stop.set()
 
 
+def _exit_within_grace(stop: threading.Event, grace_seconds: float, worker: list[Worker]) -> None:
+    """Once stopped, give the lease back and exit 75 before the grace period ends, whatever
+    the main thread is busy with (a group of reads, a model load)."""
+    stop.wait()
+    time.sleep(grace_seconds * GRACE_SHARE)
+    if worker:
+        worker[0].stop_now()
+    get_logger().warning("worker_stopped", message="stopped within the grace period")
+    os._exit(exit_codes.INTERRUPTED)
+
+
 def main(argv: list[str]) -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # first: a stop during start-up exits 75 too
+        signal.signal(signum, lambda *_: stop.set())
     configure()
     spec = WorkerSpec.from_json(argv[0])
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    config = spec.config
+    started: list[Worker] = []
     threading.Thread(target=_watch_parent, args=(spec.parent_pid, stop), daemon=True).start()
-    store = open_store(spec.config.output, spec.config.s3_endpoint_url)
+    threading.Thread(target=_exit_within_grace, args=(stop, config.grace_seconds, started), daemon=True).start()
+    try:
+        return _work(spec, stop, started)
+    except Exception as exc:
+        code = disk_error_code(exc) or user_error_code(exc)
+        if code is None:
+            raise
+        message = disk_error_message(exc) if disk_error_code(exc) else _without_torch_advice(str(exc))  # type: ignore[arg-type]
+        get_logger().error("worker_error", error=message, exit_code=code)
+        print(f"virnucpro: error: {message}", file=sys.stderr, flush=True)
+        return code
+
+
+def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int:
+    config = spec.config
+    store = open_store(config.output, config.s3_endpoint_url)
     plan = load_plan(store)
     if plan is None:
-        get_logger().error("no_plan", output=spec.config.output)
+        get_logger().error("no_plan", output=config.output)
         return exit_codes.INTERNAL_ERROR
-    config = spec.config
+    if stop.is_set():
+        return exit_codes.INTERRUPTED
+    import torch
+
+    from core.pipeline import load_predictor, resolve_device
+
     if config.device == "cpu":
         # One thread each: scores then do not depend on how many workers share the cores
         # (CPU kernels sum in a thread-count dependent order); --workers uses more cores.
         torch.set_num_threads(1)
-    try:
-        predictor = load_predictor(
-            config.esm_model, config.dnabert_model, config.classifier, config.chunk_length,
-            config.force_chunk_length, config.device, config.batch_tokens, config.compile,
-        )
-        predictor.group_reads = config.group_reads
-        device = str(resolve_device(config.device))
-    except (ModelLoadError, FileNotFoundError, ValueError) as exc:  # a model that cannot be loaded
-        get_logger().error("models_not_loaded", error=str(exc))
-        return exit_codes.BAD_INPUT
-    return Worker(spec, store, plan, predictor, device, stop).run()
+    predictor = load_predictor(
+        config.esm_model, config.dnabert_model, config.classifier, config.chunk_length,
+        config.force_chunk_length, config.device, config.batch_tokens, config.compile,
+    )
+    predictor.group_reads = config.group_reads
+    device = str(resolve_device(config.device))
+    if stop.is_set():
+        return exit_codes.INTERRUPTED
+    worker = Worker(spec, store, plan, predictor, device, stop)
+    started.append(worker)
+    return worker.run()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import boto3
 import pytest
@@ -84,3 +85,88 @@ def test_local_upload_and_atomic_names(tmp_path) -> None:  # noqa: ANN001
     store.replace("final.txt", b"x", "nope")  # leaves a lock file, which list() hides
     assert (tmp_path / "out" / "final.txt").read_text() == "hello"
     assert store.list("") == ["final.txt"]
+
+
+STOPPED_WRITER = """
+import os, signal, sys
+import job.store
+from job.store import LocalStore
+
+store = LocalStore(sys.argv[1])
+real_replace = os.replace
+
+def stop_here(*args):  # stopped in the middle of a replace, as SIGSTOP or a suspend would
+    os.kill(os.getpid(), signal.SIGSTOP)
+    real_replace(*args)
+
+job.store.os.replace = stop_here
+current = store.get("rec")
+print("replacing", flush=True)
+store.replace("rec", b"from the stopped writer", current.etag)
+"""
+
+
+def test_a_stopped_writer_blocks_nobody(tmp_path) -> None:  # noqa: ANN001
+    """A process stopped (SIGSTOP) in the middle of a local compare-and-swap holds nothing
+    that others wait for: their reads see its write or not, and their writes go on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from job_support import subprocess_env
+
+    store = LocalStore(str(tmp_path / "out"))
+    store.create("rec", b"v0")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_WRITER, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True,
+        env=subprocess_env(),
+    )
+    try:
+        assert writer.stdout.readline() == "replacing\n"
+        deadline = time.monotonic() + 30
+        while "T" not in open(f"/proc/{writer.pid}/stat").read().split()[2]:  # wait until it is stopped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        results: list[object] = []
+
+        def write() -> None:
+            current = store.get("rec")
+            results.append(current.data)
+            results.append(store.replace("rec", b"from a live writer", current.etag))
+
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "a live writer waited for the stopped one"
+        assert results[0] == b"from the stopped writer"  # its version was stored before it stopped
+        assert results[1] is not None and store.get("rec").data == b"from a live writer"
+    finally:
+        os.kill(writer.pid, signal.SIGCONT)
+        writer.wait(timeout=30)
+    assert store.get("rec").data == b"from a live writer"  # its late rename does not bring it back
+    assert store.list("") == ["rec"]
+
+
+def test_a_full_disk_leaves_no_temporary_files(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import errno
+    import os
+
+    import job.store
+
+    store = LocalStore(str(tmp_path / "out"))
+    etag = store.create("rec", b"v0")
+    source = tmp_path / "src"
+    source.write_bytes(b"output")
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(job.store.os, "fsync", full)
+    monkeypatch.setattr(job.store.shutil, "copyfile", lambda *a: (open(a[1], "wb").write(b"half"), full()))
+    for attempt in (lambda: store.put("part", b"x"), lambda: store.replace("rec", b"v1", etag),
+                    lambda: store.create("new", b"x"), lambda: store.upload("out.txt", str(source))):
+        with pytest.raises(OSError):
+            attempt()
+    leftovers = [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert leftovers == ["rec"], leftovers

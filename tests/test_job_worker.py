@@ -161,7 +161,7 @@ def test_status_counts_shards_and_projects_the_eta(tmp_path: Path) -> None:
 
     states = [
         ShardState(0, parts=(part(10, now - 50),), done=True),
-        ShardState(1, owner="w", expires=now + 60, parts=(part(5, now - 10),)),  # half done, leased
+        ShardState(1, owner="w", lease_seconds=60, renewed_at=now, parts=(part(5, now - 10),)),  # half done, leased
         ShardState(2),  # pending
     ]
     status = summarize(plan, states, None, now=now)
@@ -181,10 +181,13 @@ def test_a_working_shard_renews_its_lease_and_logs_progress(monkeypatch) -> None
     from job.shards import ShardState
 
     class Lease:
+        key = "_run/shards/00000.json"
         state = ShardState(0)
+        lease_seconds = 0.3
+        released = False
         renewals: list[int] = []
 
-        def renew(self, lease_seconds: float, processed: int) -> bool:
+        def renew(self, processed: int) -> bool:
             self.renewals.append(processed)
             return True
 
@@ -198,7 +201,7 @@ def test_a_working_shard_renews_its_lease_and_logs_progress(monkeypatch) -> None
 
     monkeypatch.setattr(job.worker, "PROGRESS_SECONDS", 0.0)  # a line at every renewal, not every 30 s
     lease, log = Lease(), Log()
-    renewer = job.worker._Renewer(lease, 0.3, 7, log)  # renews every 0.1 s
+    renewer = job.worker._ShardRenewer(lease, 7, log)  # renews every 0.1 s
     renewer.start()
     time.sleep(0.45)
     renewer.stop()
