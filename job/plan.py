@@ -295,10 +295,13 @@ class _Counted(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:  # noqa: ANN001
-        data = self._stream.read(len(buffer))
-        buffer[: len(data)] = data
-        self.count += len(data)
-        return len(data)
+        count = self._stream.readinto(buffer)  # type: ignore[attr-defined]
+        self.count += count
+        return count
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
 
 
 class Planner:
