@@ -116,7 +116,7 @@ class _BatchRun:
             plan = load_plan(store, header)
             assert plan is not None
             if not (plan.complete and _all_final(store, plan)):
-                codes = self._run_workers(store, plan, worker_config)
+                codes = self._run_workers(store, plan, worker_config, planner)
                 if self.stop.is_set():
                     raise Interrupted("stopped while the workers ran")
                 plan = self._complete_plan(store, plan, planner)
@@ -152,7 +152,7 @@ class _BatchRun:
             if self.stop.wait(0.2):
                 raise Interrupted("stopped while planning")
 
-    def _run_workers(self, store: Store, plan: Plan, config: RunConfig) -> list[int]:
+    def _run_workers(self, store: Store, plan: Plan, config: RunConfig, planner: _PlanThread) -> list[int]:
         gpus = _visible_gpus(config)
         count = self.config.workers or max(len(gpus), 1)
         processes = []
@@ -170,9 +170,10 @@ class _BatchRun:
                 deadline = time.monotonic() + self.config.grace_seconds + KILL_MARGIN_SECONDS
                 self.log.warning("stopping_workers", grace_seconds=self.config.grace_seconds)
                 _signal_all(processes, signal.SIGTERM)
-            if deadline is None and any(process.returncode == exit_codes.BAD_INPUT for process in processes):
+            bad_input = any(process.returncode == exit_codes.BAD_INPUT for process in processes)
+            if deadline is None and (bad_input or planner.exception is not None):
                 deadline = time.monotonic() + self.config.grace_seconds + KILL_MARGIN_SECONDS
-                _signal_all(processes, signal.SIGTERM)  # a worker met bad input: the run stops
+                _signal_all(processes, signal.SIGTERM)  # bad input, or the planner here failed: the run stops
             if deadline is not None and time.monotonic() > deadline:
                 self.log.error("killing_workers", message="workers did not stop within the grace period")
                 _signal_all(processes, signal.SIGKILL)

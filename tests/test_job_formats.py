@@ -105,3 +105,17 @@ def test_an_s3_input_overwritten_mid_run_stops_the_machine_already_working(
     assert job.wait(timeout=240) == 65, job.log_text
     assert f"input s3://{bucket}/in/reads.fa changed while the run was using it" in job.log_text
     assert read_output(out, "_SUCCESS") is None and read_output(out, "reads.tsv") is None
+
+
+def test_malformed_fastq_found_by_the_plan_pass_stops_the_run_with_the_readers_message(
+    demo_models: Path, tmp_path: Path,
+) -> None:
+    write_reads(tmp_path / "in.fa", 120, seed=15)
+    records = fasta_to_fastq((tmp_path / "in.fa").read_bytes()).decode().split("@read")[1:]
+    records[100] = records[100].rsplit("\n", 2)[0] + "\nII\n"  # quality shorter than the sequence
+    path = tmp_path / "bad.fastq.gz"
+    path.write_bytes(gzip.compress(("@read" + "@read".join(records)).encode()))
+    done = run(run_args(demo_models, [str(path)], str(tmp_path / "out")))
+    assert done.returncode == 65, done.stderr
+    assert f"virnucpro: error: {path}, line {4 * 100 + 4}" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and not (tmp_path / "out" / "reads.tsv").exists()
