@@ -18,6 +18,9 @@ Pieces (each in its own process, so that its peak RSS is its own):
   time of the last shard over the first;
 - first-claim: `virnucpro run` on the demo models, --workers 2: seconds from the command's
   start to the first `shard_claimed` log line (the run is then stopped);
+- gzip: the figures the gzip access choice rests on (job/plan.py): inflate speed of zlib,
+  ISA-L and indexed_gzip (which also builds a restart-point index), ISA-L and zlib level-1
+  deflate, index bytes per restart point (indexed_gzip is optional, not a dependency);
 - merge: the merge alone over generated parts of a finished run (local output, and a moto
   S3 server on 127.0.0.1 with --s3): reads/s and peak RSS.
 """
@@ -102,10 +105,12 @@ def _plan(paths: list[Path], out: Path) -> dict:
     store = LocalStore(str(out))
     inputs = resolve_inputs(tuple(map(str, paths)), None)
     started = time.perf_counter()
+    cpu_started = time.process_time()
     header = plan_header(store, inputs, {"bench": 1}, None, None)
     header_seconds = time.perf_counter() - started
     Planner(store, header, None, threading.Event()).scan()
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     plan = load_plan(store)
     assert plan is not None and plan.complete, plan
     size = sum(p.stat().st_size for p in paths)
@@ -114,6 +119,9 @@ def _plan(paths: list[Path], out: Path) -> dict:
         "reads": plan.total_reads, "shards": len(plan.shards), "shard_reads": plan.shard_reads,
         "seconds": round(seconds, 2), "header_seconds": round(header_seconds, 3),
         "reads_per_s": round(plan.total_reads / seconds), "input_mb_per_s": round(size / seconds / 1e6, 1),
+        # CPU time: what one core does, whatever else shares the machine
+        "cpu_seconds": round(cpu_seconds, 2), "reads_per_cpu_s": round(plan.total_reads / cpu_seconds),
+        "input_mb_per_cpu_s": round(size / cpu_seconds / 1e6, 1),
         "text_mb_per_s": round(text / seconds / 1e6, 1), "input_bytes": size, "text_bytes": text,
         "peak_rss_mib": round(_peak_rss_mib(), 1),
     }
@@ -178,28 +186,13 @@ def _first_claim(paths: list[Path], work: Path) -> dict:
     return {"first_claim_s": round(seconds, 2) if claimed else None, "plan_complete_before_claim": planned is not None}
 
 
-def _merge(reads: int, work: Path, s3: bool) -> dict:
-    """Merge a finished run of `reads` generated reads (20,000 a shard, parts of 2,000)."""
-    import job.merge
+def _merge_setup(store, reads: int) -> float:  # noqa: ANN001 (Store)
+    """A finished run of `reads` generated reads (20,000 a shard, parts of 2,000); seconds taken."""
     from job.inputs import InputObject
-    from job.merge import MergeClaim, MergeInputs, merge
     from job.plan import DONE_KEY, PLAN_KEY, Plan, Segment, Shard
     from job.shards import Part, ShardState, shard_key
-    from job.store import LocalStore, open_store
 
-    server = None
-    if s3:
-        import boto3
-        from job_support import AWS_ENV, start_moto
-
-        server = start_moto()
-        os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=server.url)
-        boto3.client("s3").create_bucket(Bucket="bench")
-        store = open_store("s3://bench/merge")
-    else:
-        out = work / "merge-out"
-        shutil.rmtree(out, ignore_errors=True)
-        store = LocalStore(str(out))
+    started = time.perf_counter()
     shard_reads, part_reads = 20_000, 2_000
     plan = Plan("bench", (InputObject("/bench.fa", 0, "0"),), {}, shard_reads, 0.0)
     shards, start = [], 0
@@ -209,7 +202,6 @@ def _merge(reads: int, work: Path, s3: bool) -> dict:
         start += count
     store.create(PLAN_KEY, plan.header_json())
     store.create(DONE_KEY, json.dumps({"shards": shards, "reads": reads, "empty_inputs": []}).encode())
-    made = time.perf_counter()
     for shard in shards:
         parts = []
         for first in range(0, shard["reads"], part_reads):
@@ -226,9 +218,36 @@ def _merge(reads: int, work: Path, s3: bool) -> dict:
             parts.append(Part(key, None, len(ids), len(ids) // 10, 1.0, 0.0, "cpu"))
         state = ShardState(shard["index"], attempt=1, parts=tuple(parts), done=True)
         store.create(shard_key(shard["index"]), state.to_json())
-    made = time.perf_counter() - made
-    from job.plan import load_plan
+    return time.perf_counter() - started
 
+
+def _merge(reads: int, work: Path, s3: bool) -> dict:
+    """The merge of a finished run of `reads` generated reads, one reads.tsv row each (one
+    frame and one chunk row per 10 reads). Local: the run is made by a child process, so
+    that the peak RSS is the merge's alone; S3: moto serves from this process."""
+    import job.merge
+    from job.merge import MergeClaim, MergeInputs, merge
+    from job.plan import load_plan
+    from job.store import LocalStore, open_store
+
+    server = None
+    if s3:
+        import boto3
+        from job_support import AWS_ENV, start_moto
+
+        server = start_moto()
+        os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=server.url)
+        boto3.client("s3").create_bucket(Bucket="bench")
+        store = open_store("s3://bench/merge")
+        made = _merge_setup(store, reads)
+    else:
+        out = work / "merge-out"
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.perf_counter()
+        command = [sys.executable, __file__, "--reads", str(reads), "--work", str(work), "--piece", "merge-setup:local"]
+        subprocess.run(command, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        made = time.perf_counter() - started
+        store = LocalStore(str(out))
     complete = load_plan(store)
     before = _peak_rss_mib()
     started = time.perf_counter()
@@ -248,6 +267,46 @@ def _merge(reads: int, work: Path, s3: bool) -> dict:
     }
 
 
+def _gzip_options(paths: list[Path], work: Path) -> dict:
+    """What the gzip access choice rests on: inflate and deflate speeds, index size."""
+    import gzip
+    import zlib
+
+    from isal import igzip
+
+    with igzip.open(paths[0]) as handle:
+        text = handle.read(128 * 2**20)
+    packed = gzip.compress(text, 6)
+    figures: dict[str, object] = {"text_mb": round(len(text) / 1e6, 1), "ratio_level6": round(len(packed) / len(text), 3)}
+
+    def rate(action) -> float:  # noqa: ANN001
+        started = time.perf_counter()
+        action()
+        return round(len(text) / (time.perf_counter() - started) / 1e6, 1)
+
+    figures["zlib_inflate_mb_s"] = rate(lambda: zlib.decompress(packed, 31))
+    figures["isal_inflate_mb_s"] = rate(lambda: igzip.decompress(packed))
+    figures["isal_deflate_level1_mb_s"] = rate(lambda: igzip.compress(text, 1, mtime=0))
+    figures["zlib_deflate_level1_mb_s"] = rate(lambda: gzip.compress(text, 1, mtime=0))
+    try:
+        import indexed_gzip
+    except ImportError:
+        return figures
+    source = work / "gzip-options.gz"
+    source.write_bytes(packed)
+
+    def indexed() -> None:
+        with indexed_gzip.IndexedGzipFile(str(source), spacing=4 * 2**20) as handle:
+            while handle.read(8 * 2**20):
+                pass
+            handle.export_index(str(work / "gzip-options.gzidx"))
+
+    figures["indexed_gzip_build_and_read_mb_s"] = rate(indexed)
+    points = len(text) / (4 * 2**20)
+    figures["indexed_gzip_bytes_per_point"] = round((work / "gzip-options.gzidx").stat().st_size / points)
+    return figures
+
+
 def _piece(args: argparse.Namespace) -> dict:
     work = Path(args.work)
     inputs = generate(work, args.reads)
@@ -260,6 +319,12 @@ def _piece(args: argparse.Namespace) -> dict:
         return _first_claim(inputs[name], work)
     if kind == "merge":
         return _merge(args.reads, work, name == "s3")
+    if kind == "merge-setup":
+        from job.store import LocalStore
+
+        return {"seconds": _merge_setup(LocalStore(str(work / "merge-out")), args.reads)}
+    if kind == "gzip":
+        return _gzip_options(inputs["fastq.gz"], work)
     raise SystemExit(f"unknown piece {args.piece}")
 
 
@@ -278,6 +343,8 @@ def main() -> None:
     generate(Path(args.work), args.reads)
     only = args.only.split(",")
     pieces = [f"{kind}:{name}" for kind in ("plan", "shards", "first-claim") if kind in only for name in args.formats.split(",")]
+    if "gzip" in only:
+        pieces.append("gzip:options")
     if "merge" in only:
         pieces += ["merge:local"] + (["merge:s3"] if args.s3 else [])
     for piece in pieces:

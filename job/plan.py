@@ -43,7 +43,9 @@ import math
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from itertools import islice
 from typing import BinaryIO
@@ -71,6 +73,7 @@ TARGET_SHARDS = 32
 MIN_SHARD_READS = 500
 MAX_SHARD_READS = 20_000
 COPY_LEVEL = 1  # ISA-L level of the shard copies of gzip inputs
+PUBLISH_AHEAD = 4  # shard objects waiting to be written while the scan goes on
 
 
 @dataclass(frozen=True)
@@ -326,18 +329,24 @@ class Planner:
         self._duplicates: list[int] = []
         self._in_shard = 0
         self._scanned = 0  # input bytes consumed so far, all inputs
+        self._publisher: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
 
     def scan(self) -> None:
         """Scan every input and publish the plan; malformed input publishes the error instead."""
         started = time.monotonic()
-        try:
-            for number, obj in enumerate(self.plan.inputs):
-                self._scan_input(number, obj)
-        except (ReadsError, InputChanged) as exc:
-            self._publish_error(str(exc))
-            return
-        if self._in_shard:
-            self._publish_shard()
+        with ThreadPoolExecutor(1, thread_name_prefix="publish") as publisher:
+            self._publisher = publisher
+            try:
+                for number, obj in enumerate(self.plan.inputs):
+                    self._scan_input(number, obj)
+            except (ReadsError, InputChanged) as exc:
+                self._drain(0)
+                self._publish_error(str(exc))
+                return
+            if self._in_shard:
+                self._publish_shard()
+            self._drain(0)
         reads = sum(shard["reads"] for shard in self.shards)
         body = {"shards": self.shards, "reads": reads, "empty_inputs": self.empty}
         self._create(DONE_KEY, json.dumps(body, separators=(",", ":")).encode())
@@ -346,6 +355,16 @@ class Planner:
             "plan_complete", shards=len(self.shards), reads=reads, seconds=round(seconds, 2),
             reads_per_s=round(reads / max(seconds, 1e-9)), digest_mib=round(self.seen.nbytes / 2**20, 1),
         )
+
+    def _submit(self, write: Callable[[], None]) -> None:
+        """Publish in the background, in order (one thread): store latency and compression
+        overlap the scan; at most PUBLISH_AHEAD writes wait."""
+        self._pending.append(self._publisher.submit(write))
+        self._drain(PUBLISH_AHEAD)
+
+    def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            self._pending.popleft().result()  # raises a failed write's error here
 
     def _publish_error(self, message: str) -> None:
         self.log.error("plan_failed", error=message)
@@ -427,7 +446,8 @@ class Planner:
         if gzip:  # gzip input: the segment's text becomes its own object
             copy = f"{INPUT_COPIES}{len(self.shards):05d}-{len(self._segments)}.gz"
             data = bytes(window[offset - window_base:end - window_base])
-            self._create(copy, igzip.compress(data, COPY_LEVEL, mtime=0), must_match=False)
+            key = copy
+            self._submit(lambda: self._create(key, igzip.compress(data, COPY_LEVEL, mtime=0), must_match=False))
             del window[: end - window_base]
             window_base = end
         self._segments.append(Segment(number, first, reads - first, offset, end, line, copy))
@@ -438,7 +458,8 @@ class Planner:
     def _publish_shard(self) -> None:
         shard = Shard(len(self.shards), tuple(self._segments), self._in_shard, tuple(self._duplicates), self._scanned)
         body = shard.to_dict()
-        self._create(shard_plan_key(shard.index), json.dumps(body, separators=(",", ":")).encode())
+        data = json.dumps(body, separators=(",", ":")).encode()
+        self._submit(lambda: self._create(shard_plan_key(shard.index), data))
         self.shards.append(body)
         self._segments, self._duplicates, self._in_shard = [], [], 0
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from xxhash import xxh3_128_digest
 
+MERGE_RATIO = 4  # a new run is merged into the last one while that is at most this many times larger
+
 
 class SeenIds:
     """The set of ids met so far in a run, as digests."""
@@ -54,7 +56,7 @@ class SeenIds:
         return flags
 
     def _push(self, high: np.ndarray, low: np.ndarray) -> None:
-        while self._runs and len(self._runs[-1][0]) <= 2 * len(high):
+        while self._runs and len(self._runs[-1][0]) <= MERGE_RATIO * len(high):
             last_high, last_low = self._runs.pop()
             high, low = np.concatenate([last_high, high]), np.concatenate([last_low, low])
             order = np.argsort(high, kind="stable")
@@ -65,10 +67,13 @@ class SeenIds:
 
 def _member(run_high: np.ndarray, run_low: np.ndarray, high: np.ndarray, low: np.ndarray) -> np.ndarray:
     """Which (high, low) pairs, `high` sorted, are in the run (sorted by its high half)."""
-    left = np.searchsorted(run_high, high, "left")
-    right = np.searchsorted(run_high, high, "right")
-    width = right - left
-    found = (width == 1) & (run_low[np.minimum(left, len(run_low) - 1)] == low)
-    for i in np.nonzero(width > 1)[0]:  # equal high halves: ~never below 2^32 ids
-        found[i] = bool(np.any(run_low[left[i]:right[i]] == low[i]))
+    left = np.searchsorted(run_high, high)
+    at = np.minimum(left, len(run_high) - 1)
+    same_high = run_high[at] == high
+    found = same_high & (run_low[at] == low)
+    # equal high halves for distinct ids (~never below 2^32 ids): look through the whole range
+    after = np.minimum(at + 1, len(run_high) - 1)
+    for i in np.nonzero(same_high & ~found & (after != at) & (run_high[after] == high))[0]:
+        right = np.searchsorted(run_high, high[i], "right")
+        found[i] = bool(np.any(run_low[left[i]:right] == low[i]))
     return found
