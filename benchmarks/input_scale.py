@@ -242,7 +242,7 @@ def _merge_setup(store, reads: int) -> float:  # noqa: ANN001 (Store)
 def _merge(reads: int, work: Path, s3: bool) -> dict:
     """The merge of a finished run of `reads` generated reads, one reads.tsv row each (one
     frame and one chunk row per 10 reads). Local: the run is made by a child process, so
-    that the peak RSS is the merge's alone; S3: moto serves from this process."""
+    that the peak RSS is the merge's alone; S3: a moto server in a child process."""
     import job.merge
     from job.merge import MergeClaim, MergeInputs, merge
     from job.plan import load_plan
@@ -251,10 +251,15 @@ def _merge(reads: int, work: Path, s3: bool) -> dict:
     server = None
     if s3:
         import boto3
-        from job_support import AWS_ENV, start_moto
+        from job_support import AWS_ENV
 
-        server = start_moto()
-        os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=server.url)
+        # moto in its own process, as S3 is: its CPU time is not the merge's
+        server = subprocess.Popen(
+            [sys.executable, "-c", "import time\nfrom job_support import start_moto\n"
+             "print(start_moto().url, flush=True)\ntime.sleep(10**6)"],
+            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}"),
+        )
+        os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=server.stdout.readline().strip())
         boto3.client("s3").create_bucket(Bucket="bench")
         store = open_store("s3://bench/merge")
         made = _merge_setup(store, reads)
@@ -276,7 +281,7 @@ def _merge(reads: int, work: Path, s3: bool) -> dict:
     seconds = time.perf_counter() - started
     assert marker == "_SUCCESS" and summary["reads"] == reads
     if server is not None:
-        server.close()
+        server.kill()
     return {
         "store": "moto S3" if s3 else "local", "reads": reads, "seconds": round(seconds, 2),
         "reads_per_s": round(reads / seconds), "setup_seconds": round(made, 1),
