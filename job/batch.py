@@ -230,8 +230,10 @@ class _PlanThread(threading.Thread):
                 lease = take_claim(self.store, PLANNER_KEY, self.owner, self.lease_seconds, self.observer)
                 if lease is not None:
                     with Renewer(lease, self.log):
-                        Planner(self.store, self.plan, self.endpoint, self.stop, lost=lease.lost).scan()
-                    lease.release()
+                        try:
+                            Planner(self.store, self.plan, self.endpoint, self.stop, lost=lease.lost).scan()
+                        finally:  # done, stopped or failed: free at once for the next starter
+                            lease.release()
                     return
                 self.observer.log_waiting(self.log, "waiting_for_planner", PLANNER_KEY)
                 self._finished.wait(self._poll)
