@@ -181,3 +181,40 @@ def test_an_empty_input_is_recorded_with_a_warning(tmp_path: Path) -> None:
     body = json.loads(LocalStore(str(tmp_path / "out")).get(DONE_KEY).data)
     assert body["empty_inputs"] == [str(tmp_path / "empty.fq")]
     assert json.loads(LocalStore(str(tmp_path / "out")).get(shard_plan_key(0)).data)["reads"] == 3
+
+
+def test_a_dead_planner_is_taken_over_and_the_heir_recreates_the_same_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from job.batch import _PlanThread
+    from job.errors import Interrupted
+    from job.lease import ExpiryObserver
+    from job.lease import claim as take_claim
+    from job.plan import PLANNER_KEY
+
+    (tmp_path / "in.fa.gz").write_bytes(gzip.compress(reads_text(600, seed=6)))
+    inputs = resolve_inputs((str(tmp_path / "in.fa.gz"),), None)
+    monkeypatch.setattr(job.plan, "SCAN_BLOCK", 4096)
+    store = LocalStore(str(tmp_path / "out"))
+    header = plan_header(store, inputs, SETTINGS, 50, None)
+    assert take_claim(store, PLANNER_KEY, "dead", 0.5, ExpiryObserver()) is not None  # never renewed
+    dying = threading.Event()
+    dead = Planner(store, header, None, dying, block_delay=0.05)
+    scanning = threading.Thread(target=lambda: pytest.raises(Interrupted, dead.scan))
+    scanning.start()
+    while store.get(shard_plan_key(1)) is None:
+        time.sleep(0.01)
+    dying.set()  # the planner dies mid-scan, its claim left held
+    scanning.join()
+    assert store.get(DONE_KEY) is None
+    heir = _PlanThread(store, header, None, threading.Event(), "heir", 0.5)
+    heir.start()
+    heir.join(timeout=60)
+    assert heir.exception is None
+    plan = load_plan(store)
+    fresh = plan_run(LocalStore(str(tmp_path / "fresh")), inputs, SETTINGS, 50, None, threading.Event())
+    assert plan.complete and plan.shards == fresh.shards and plan.total_reads == 600
+    for shard in plan.shards:  # the copies the dead planner wrote are the heir's, byte for byte
+        for segment in shard.segments:
+            assert store.get(segment.copy).data == LocalStore(str(tmp_path / "fresh")).get(segment.copy).data
+    assert json.loads(store.get(PLANNER_KEY).data)["owner"] is None  # released when done
