@@ -40,6 +40,7 @@ parsing them and raises the same errors; the two are tested to agree.
 """
 from __future__ import annotations
 
+import functools
 import io
 import re
 import zlib
@@ -58,17 +59,17 @@ _MATES = (b"/1", b"/2")
 
 # Formats recognised by their first bytes, with what to do about each.
 _MAGIC: tuple[tuple[bytes, str, str], ...] = (
-    (b"\x89PNG", "a PNG image", "Pass the reads file (FASTA or FASTQ, plain or gzip)"),
-    (b"%PDF", "a PDF document", "Pass the reads file (FASTA or FASTQ, plain or gzip)"),
-    (b"PK\x03\x04", "a zip archive", "Unzip it and pass the FASTA or FASTQ files inside"),
-    (b"BZh", "bzip2-compressed data", "Decompress it with bunzip2, or recompress with gzip"),
-    (b"\xfd7zXZ\x00", "xz-compressed data", "Decompress it with unxz, or recompress with gzip"),
-    (b"\x28\xb5\x2f\xfd", "zstd-compressed data", "Decompress it with `zstd -d`, or recompress with gzip"),
-    (b"BAM\x01", "a BAM file (binary alignments)", "Convert it to FASTQ first: `samtools fastq in.bam > reads.fastq`"),
-    (b"CRAM", "a CRAM file (binary alignments)", "Convert it to FASTQ first: `samtools fastq in.cram > reads.fastq`"),
-    (b"NCBI.sra", "an SRA archive", "Extract the reads first: `fasterq-dump run.sra`"),
-    (b"\x89HDF", "an HDF5 file (e.g. FAST5 raw signal)", "Basecall it first and pass the FASTQ output"),
-    (b"\x7fELF", "an executable", "Pass the reads file (FASTA or FASTQ, plain or gzip)"),
+    (b"\x89PNG", "a PNG image", "Pass the reads file (FASTA or FASTQ, plain or gzip)."),
+    (b"%PDF", "a PDF document", "Pass the reads file (FASTA or FASTQ, plain or gzip)."),
+    (b"PK\x03\x04", "a zip archive", "Unzip it and pass the FASTA or FASTQ files inside."),
+    (b"BZh", "bzip2-compressed data", "Decompress it with bunzip2, or recompress with gzip."),
+    (b"\xfd7zXZ\x00", "xz-compressed data", "Decompress it with unxz, or recompress with gzip."),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed data", "Decompress it with `zstd -d`, or recompress with gzip."),
+    (b"BAM\x01", "a BAM file (binary alignments)", "Convert it to FASTQ first: `samtools fastq in.bam > reads.fastq`."),
+    (b"CRAM", "a CRAM file (binary alignments)", "Convert it to FASTQ first: `samtools fastq in.cram > reads.fastq`."),
+    (b"NCBI.sra", "an SRA archive", "Extract the reads first: `fasterq-dump run.sra`."),
+    (b"\x89HDF", "an HDF5 file (e.g. FAST5 raw signal)", "Basecall it first and pass the FASTQ output."),
+    (b"\x7fELF", "an executable", "Pass the reads file (FASTA or FASTQ, plain or gzip)."),
 )
 
 
@@ -80,9 +81,14 @@ class ReadsError(ValueError):
         super().__init__(f"{name}, line {line}: {problem}. {fix}")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Record:
-    """One read: output id (after the mate rule), letters as in the file."""
+    """One read: output id (after the mate rule), letters as in the file.
+
+    Not frozen: the reader makes one per read, 10^8 a run, and a frozen dataclass costs
+    three times as much to build. Treat it as a value; `dataclasses.replace` makes changed
+    copies.
+    """
 
     id: str
     sequence: str
@@ -96,12 +102,17 @@ def read_id(header: bytes) -> bytes:
     The mate rule of the module docstring: ``name 1:N:0:ACGT`` gives ``name/1``.
     """
     fields = header.split(None, 1)
-    if not fields:
-        return b""
-    first = fields[0]
-    if len(fields) == 2 and not first.endswith(_MATES) and _CASAVA.match(fields[1]):
-        return first + b"/" + fields[1][:1]
+    if len(fields) != 2:
+        return fields[0] if fields else b""
+    first, description = fields
+    if description[1:2] == b":" and not first.endswith(_MATES):
+        return first + _mate_suffix(description)
     return first
+
+
+@functools.lru_cache(maxsize=4096)  # a file's Casava descriptions mostly repeat: one per mate and index
+def _mate_suffix(description: bytes) -> bytes:
+    return b"/" + description[:1] if _CASAVA.match(description) else b""
 
 
 def read_records(stream: BinaryIO, name: str, first_line: int = 1) -> Iterator[Record]:
@@ -177,7 +188,7 @@ _DAMAGE = {
     "not_reads": (
         "text before the first record: the first line that is not blank starts with neither "
         "'>' (FASTA) nor '@' (FASTQ)",
-        "Pass a FASTA or FASTQ file; is this one?",
+        "Pass a FASTA file (records start with '>') or a FASTQ file (records start with '@').",
     ),
     "no_id": (
         "a '{marker}' header with no id after it",
@@ -364,13 +375,19 @@ def _fastq(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[Re
                     held = []
                     break
                 raise fastq_record_damage(header, sequence, plus, quality, line, name)
-            ident = _header_id(header[1:], name, line, "@")
+            ident = read_id(header[1:])
+            try:
+                text = ident.decode()
+            except UnicodeDecodeError:
+                raise damage(name, line, "not_utf8") from None
+            if not text:
+                raise damage(name, line, "no_id", marker="@")
             if sequence.isalpha():
-                yield Record(ident, sequence.decode("ascii"), line)
+                yield Record(text, sequence.decode("ascii"), line, None)
             elif not sequence:
-                yield Record(ident, "", line, "empty")
+                yield Record(text, "", line, "empty")
             else:
-                yield Record(ident, sequence.decode("latin-1"), line, "invalid_characters")
+                yield Record(text, sequence.decode("latin-1"), line, "invalid_characters")
     if held and not blank_line:
         if not held[0].strip(WHITESPACE):
             only_blanks(held, held_number, name)
