@@ -46,8 +46,11 @@ import re
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from itertools import chain, repeat
+from operator import itemgetter
 from typing import BinaryIO
 
+import numpy as np
 from isal import igzip, isal_zlib
 
 BLOCK = 1 << 20  # bytes read at a time
@@ -56,6 +59,13 @@ GZIP_MAGIC = b"\x1f\x8b"
 WHITESPACE = b" \t\v\f"  # whitespace inside a line (line breaks are never part of a line)
 _CASAVA = re.compile(rb"[12]:[YN]:[0-9]+:")
 _MATES = (b"/1", b"/2")
+_WHITE = np.zeros(256, dtype=bool)  # byte -> is WHITESPACE
+_WHITE[list(WHITESPACE)] = True
+_DIGIT = np.zeros(256, dtype=bool)
+_DIGIT[ord("0") : ord("9") + 1] = True
+_MATE_DIGIT = np.zeros(256, dtype=bool)
+_MATE_DIGIT[[ord("1"), ord("2")]] = True
+_FIRST_BYTE = itemgetter(slice(0, 1))
 
 # Formats recognised by their first bytes, with what to do about each.
 _MAGIC: tuple[tuple[bytes, str, str], ...] = (
@@ -115,24 +125,94 @@ def _mate_suffix(description: bytes) -> bytes:
     return b"/" + description[:1] if _CASAVA.match(description) else b""
 
 
+def read_ids(buf: bytes, arr: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[bytes]:
+    """`read_id` of many headers of one buffer at once, with numpy over the bytes.
+
+    Header i's text (after its '>'/'@') is ``buf[starts[i]:ends[i]]`` and ``buf[ends[i]]``
+    is its line break; `arr` is `buf` as uint8. Headers out of the common shape (empty,
+    whitespace right after the marker, several whitespace characters before the
+    description) go through `read_id` itself.
+    """
+    if not len(starts):
+        return []
+    mask = arr == ord(" ")
+    for char in (b"\t", b"\v", b"\f"):
+        if char in buf:
+            mask |= arr == char[0]
+    spaces = np.flatnonzero(mask)
+    id_ends = np.minimum(np.append(spaces, len(buf))[np.searchsorted(spaces, starts)], ends)
+    described = id_ends < ends
+    odd = (starts >= ends) | _WHITE[arr[np.minimum(starts, ends)]]
+    odd |= described & _WHITE[arr[np.minimum(id_ends + 1, ends)]]
+    mates = _casava_mates(arr, starts, id_ends, ends, np.flatnonzero(described & ~odd))
+    source = buf
+    if mates is not None:  # "name 1:N:..." becomes "name/1:N:...": the id is then one slice
+        mated = mates > 0
+        edited = bytearray(buf)
+        np.frombuffer(edited, np.uint8)[id_ends[mated]] = ord("/")
+        source = bytes(edited)
+        id_ends = id_ends + 2 * mated
+    begins = starts.tolist()
+    ids = [source[a:b] for a, b in zip(begins, id_ends.tolist())]
+    for index in np.flatnonzero(odd).tolist():
+        ids[index] = read_id(buf[begins[index] : int(ends[index])])
+    return ids
+
+
+def _casava_mates(
+    arr: np.ndarray, starts: np.ndarray, id_ends: np.ndarray, ends: np.ndarray, pick: np.ndarray
+) -> np.ndarray | None:
+    """Per header 0, or the mate (1, 2) its Casava description gives it; None if none does.
+    `pick`: the headers whose description starts right after one whitespace character."""
+    if not len(pick):
+        return None
+    desc, end = id_ends[pick] + 1, ends[pick]
+
+    def at(k: int) -> np.ndarray:  # the description's k-th byte; the line break past its end
+        return arr[np.minimum(desc + k, end)]
+
+    mate, flag = at(0), at(2)
+    ok = ((mate == ord("1")) | (mate == ord("2"))) & (at(1) == ord(":"))
+    ok &= ((flag == ord("Y")) | (flag == ord("N"))) & (at(3) == ord(":")) & _DIGIT[at(4)]
+    tail = np.maximum(id_ends[pick] - 2, 0)  # an id already ending in /1 or /2 keeps it
+    ok &= ~((id_ends[pick] - starts[pick] >= 2) & (arr[tail] == ord("/")) & _MATE_DIGIT[arr[tail + 1]])
+    pick, mate, position, end = pick[ok], mate[ok], desc[ok] + 5, end[ok]
+    matched = np.zeros(len(pick), dtype=bool)
+    active = np.arange(len(pick))
+    while len(active):  # the rest of the digits of the third field, then ':'
+        byte = arr[np.minimum(position[active], end[active])]
+        matched[active[byte == ord(":")]] = True
+        active = active[_DIGIT[byte]]
+        position[active] += 1
+    if not matched.any():
+        return None
+    mates = np.zeros(len(starts), dtype=np.int64)
+    mates[pick[matched]] = mate[matched].astype(np.int64) - ord("0")
+    return mates
+
+
 def read_records(stream: BinaryIO, name: str, first_line: int = 1) -> Iterator[Record]:
-    """Yield the records of a plain or gzip FASTA or FASTQ byte stream, in file order.
+    """The records of a plain or gzip FASTA or FASTQ byte stream, in file order, lazily.
 
     `first_line` is the line number of the stream's first byte: a reader started at a
     record's byte offset (from `core.scan`) passes the record's line so messages stay right.
     """
-    batches = _line_batches(decompressed(stream, name), name, first_line)
-    start = _first_record(batches, name)
-    if start is None:
-        return
-    fastq, batches = start
-    yield from (_fastq(batches, name) if fastq else _fasta(batches, name))
+    return chain.from_iterable(_record_batches(stream, name, first_line))
 
 
 def open_records(path: str) -> Iterator[Record]:
     """Records of a local FASTA or FASTQ file (plain or gzip)."""
     with open(path, "rb") as handle:
         yield from read_records(handle, path)
+
+
+def _record_batches(stream: BinaryIO, name: str, first_line: int) -> Iterator[list[Record]]:
+    """Records a block at a time (handing them out one by one costs more than the parse)."""
+    batches = _line_batches(decompressed(stream, name), name, first_line)
+    start = _first_record(batches, name)
+    if start is not None:
+        fastq, batches = start
+        yield from (_fastq(batches, name) if fastq else _fasta(batches, name))
 
 
 def mark_duplicates(records: Iterable[Record], seen: set[str]) -> Iterator[Record]:
@@ -322,23 +402,29 @@ def _header_id(header: bytes, name: str, line: int, marker: str) -> str:
         raise damage(name, line, "not_utf8") from None
 
 
-def _fasta(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[Record]:
+def _fasta(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[list[Record]]:
     ident = ""
     header_line = 0
     parts: list[bytes] = []
     for number, lines in batches:
-        for index, line in enumerate(lines):
-            first = line[:1]
-            if first != b">" and (first not in WHITESPACE or line.lstrip(WHITESPACE)[:1] != b">"):
-                parts.append(line)
-                continue
-            if header_line:
-                yield _fasta_record(ident, header_line, parts)
-            header_line = number + index
-            ident = _header_id(line.lstrip(WHITESPACE)[1:], name, header_line, ">")
-            parts = []
+        done: list[Record] = []
+        try:
+            for index, line in enumerate(lines):
+                first = line[:1]
+                if first != b">" and (first not in WHITESPACE or line.lstrip(WHITESPACE)[:1] != b">"):
+                    parts.append(line)
+                    continue
+                if header_line:
+                    done.append(_fasta_record(ident, header_line, parts))
+                header_line = number + index
+                ident = _header_id(line.lstrip(WHITESPACE)[1:], name, header_line, ">")
+                parts = []
+        except ReadsError:
+            yield done  # the records before the damage, then the error
+            raise
+        yield done
     if header_line:
-        yield _fasta_record(ident, header_line, parts)
+        yield [_fasta_record(ident, header_line, parts)]
 
 
 def _fasta_record(ident: str, line: int, parts: list[bytes]) -> Record:
@@ -352,7 +438,7 @@ def _fasta_record(ident: str, line: int, parts: list[bytes]) -> Record:
     return Record(ident, text, line, None if sequence.isalpha() else "invalid_characters")
 
 
-def _fastq(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[Record]:
+def _fastq(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[list[Record]]:
     held: list[bytes] = []  # lines of a record cut by the end of a batch
     held_number = 0
     blank_line = 0  # a blank line where a header belongs: fine only if nothing but blanks follows
@@ -364,35 +450,71 @@ def _fastq(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[Re
             continue
         whole = len(lines) - len(lines) % 4
         held, held_number = lines[whole:], number + whole
-        line = number - 4
-        four = iter(lines)
-        for header, sequence, plus, quality in zip(four, four, four, four):
-            line += 4
-            if header[:1] != b"@" or plus[:1] != b"+" or len(quality) != len(sequence):
-                if not header.strip(WHITESPACE):
-                    blank_line = line
-                    only_blanks(lines[line - number :], blank_line, name)
-                    held = []
-                    break
-                raise fastq_record_damage(header, sequence, plus, quality, line, name)
-            ident = read_id(header[1:])
+        regular = _regular_fastq(lines, whole, number)
+        if regular is None:
+            done: list[Record] = []
             try:
-                text = ident.decode()
-            except UnicodeDecodeError:
-                raise damage(name, line, "not_utf8") from None
-            if not text:
-                raise damage(name, line, "no_id", marker="@")
-            if sequence.isalpha():
-                yield Record(text, sequence.decode("ascii"), line, None)
-            elif not sequence:
-                yield Record(text, "", line, "empty")
-            else:
-                yield Record(text, sequence.decode("latin-1"), line, "invalid_characters")
+                blank_line = _fastq_one_by_one(lines[:whole], number, name, done)
+            except ReadsError:
+                yield done  # the records before the damage, then the error
+                raise
+            if blank_line:
+                only_blanks(lines[blank_line - number :], blank_line, name)
+                held = []
+            regular = done
+        yield regular
     if held and not blank_line:
         if not held[0].strip(WHITESPACE):
             only_blanks(held, held_number, name)
         else:
             raise fastq_tail_damage(held, held_number, name)
+
+
+def _fastq_one_by_one(lines: list[bytes], number: int, name: str, done: list[Record]) -> int:
+    """Append the records of whole 4-line groups to `done`, raising at the first damage;
+    the line number of a blank line where a header belongs (0 if none) ends the records."""
+    line = number - 4
+    four = iter(lines)
+    for header, sequence, plus, quality in zip(four, four, four, four):
+        line += 4
+        if header[:1] != b"@" or plus[:1] != b"+" or len(quality) != len(sequence):
+            if not header.strip(WHITESPACE):
+                return line
+            raise fastq_record_damage(header, sequence, plus, quality, line, name)
+        ident = _header_id(header[1:], name, line, "@")
+        if sequence.isalpha():
+            done.append(Record(ident, sequence.decode("ascii"), line, None))
+        elif not sequence:
+            done.append(Record(ident, "", line, "empty"))
+        else:
+            done.append(Record(ident, sequence.decode("latin-1"), line, "invalid_characters"))
+    return 0
+
+
+def _regular_fastq(lines: list[bytes], whole: int, number: int) -> list[Record] | None:
+    """The records of the first `whole` lines in bulk when every one is well formed with a
+    plain id and letters only (nearly always); None sends the batch through the loop that
+    finds what is wrong."""
+    if not whole:
+        return []
+    headers, sequences = lines[0:whole:4], lines[1:whole:4]
+    if (
+        list(map(len, sequences)) != list(map(len, lines[3:whole:4]))
+        or b"".join(map(_FIRST_BYTE, headers)) != b"@" * len(headers)
+        or b"".join(map(_FIRST_BYTE, lines[2:whole:4])) != b"+" * len(headers)
+        or not all(map(bytes.isalpha, sequences))
+    ):
+        return None
+    text = b"\n".join(headers) + b"\n"
+    if not text.isascii():
+        return None
+    ends = np.cumsum(np.fromiter(map(len, headers), np.int64, len(headers)) + 1) - 1
+    starts = np.empty_like(ends)
+    starts[0], starts[1:] = 1, ends[:-1] + 2  # past each '@'
+    ids = read_ids(text, np.frombuffer(text, np.uint8), starts, ends)
+    if not all(ids):
+        return None
+    return list(map(Record, map(bytes.decode, ids), map(bytes.decode, sequences), range(number, number + whole, 4), repeat(None)))
 
 
 def fastq_record_damage(
