@@ -59,6 +59,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 WHITESPACE = b" \t\v\f"  # whitespace inside a line (line breaks are never part of a line)
 _CASAVA = re.compile(rb"[12]:[YN]:[0-9]+:")
 _MATES = (b"/1", b"/2")
+_MATE_SUFFIXES = (b"", b"/1", b"/2")
 _WHITE = np.zeros(256, dtype=bool)  # byte -> is WHITESPACE
 _WHITE[list(WHITESPACE)] = True
 _DIGIT = np.zeros(256, dtype=bool)
@@ -145,15 +146,11 @@ def read_ids(buf: bytes, arr: np.ndarray, starts: np.ndarray, ends: np.ndarray) 
     odd = (starts >= ends) | _WHITE[arr[np.minimum(starts, ends)]]
     odd |= described & _WHITE[arr[np.minimum(id_ends + 1, ends)]]
     mates = _casava_mates(arr, starts, id_ends, ends, np.flatnonzero(described & ~odd))
-    source = buf
-    if mates is not None:  # "name 1:N:..." becomes "name/1:N:...": the id is then one slice
-        mated = mates > 0
-        edited = bytearray(buf)
-        np.frombuffer(edited, np.uint8)[id_ends[mated]] = ord("/")
-        source = bytes(edited)
-        id_ends = id_ends + 2 * mated
     begins = starts.tolist()
-    ids = [source[a:b] for a, b in zip(begins, id_ends.tolist())]
+    if mates is None:
+        ids = [buf[a:b] for a, b in zip(begins, id_ends.tolist())]
+    else:
+        ids = [buf[a:b] + _MATE_SUFFIXES[m] for a, b, m in zip(begins, id_ends.tolist(), mates.tolist())]
     for index in np.flatnonzero(odd).tolist():
         ids[index] = read_id(buf[begins[index] : int(ends[index])])
     return ids
