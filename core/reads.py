@@ -399,33 +399,58 @@ def _header_id(header: bytes, name: str, line: int, marker: str) -> str:
         raise damage(name, line, "not_utf8") from None
 
 
+@dataclass
+class _Pending:
+    """The FASTA record being read: its id, header line and sequence lines so far."""
+
+    ident: str
+    line: int
+    parts: list[bytes]
+
+
 def _fasta(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[list[Record]]:
-    ident = ""
-    header_line = 0
-    parts: list[bytes] = []
+    pending: _Pending | None = None
     for number, lines in batches:
         done: list[Record] = []
         try:
-            for index, line in enumerate(lines):
-                first = line[:1]
-                if first != b">" and (first not in WHITESPACE or line.lstrip(WHITESPACE)[:1] != b">"):
-                    parts.append(line)
-                    continue
-                if header_line:
-                    done.append(_fasta_record(ident, header_line, parts))
-                header_line = number + index
-                ident = _header_id(line.lstrip(WHITESPACE)[1:], name, header_line, ">")
-                parts = []
+            first = next((index for index, line in enumerate(lines) if line[:1] == b">"), len(lines))
+            pending = _fasta_lines(lines[:first], number, pending, done, name)
+            regular = _regular_fasta(lines[first:], number + first)
+            if regular is None:
+                pending = _fasta_lines(lines[first:], number + first, pending, done, name)
+            else:
+                if pending is not None:
+                    done.append(_fasta_record(pending))
+                records, pending = regular
+                done += records
         except ReadsError:
             yield done  # the records before the damage, then the error
             raise
         yield done
-    if header_line:
-        yield [_fasta_record(ident, header_line, parts)]
+    if pending is not None:
+        yield [_fasta_record(pending)]
 
 
-def _fasta_record(ident: str, line: int, parts: list[bytes]) -> Record:
-    sequence = b"".join(parts)
+def _fasta_lines(
+    lines: list[bytes], number: int, pending: _Pending | None, done: list[Record], name: str
+) -> _Pending | None:
+    """Read FASTA lines one by one: append finished records to `done`; the open record."""
+    for index, line in enumerate(lines):
+        first = line[:1]
+        if first != b">" and (first not in WHITESPACE or line.lstrip(WHITESPACE)[:1] != b">"):
+            if pending is not None:
+                pending.parts.append(line)
+            continue
+        if pending is not None:
+            done.append(_fasta_record(pending))
+        header_line = number + index
+        pending = _Pending(_header_id(line.lstrip(WHITESPACE)[1:], name, header_line, ">"), header_line, [])
+    return pending
+
+
+def _fasta_record(record: _Pending) -> Record:
+    ident, line = record.ident, record.line
+    sequence = b"".join(record.parts)
     if sequence.isalpha():  # bytes.isalpha: ASCII letters only
         return Record(ident, sequence.decode("ascii"), line)
     sequence = sequence.translate(None, WHITESPACE)
@@ -494,24 +519,47 @@ def _regular_fastq(lines: list[bytes], whole: int, number: int) -> list[Record] 
     finds what is wrong."""
     if not whole:
         return []
-    headers, sequences = lines[0:whole:4], lines[1:whole:4]
+    sequences = lines[1:whole:4]
     if (
         list(map(len, sequences)) != list(map(len, lines[3:whole:4]))
-        or b"".join(map(_FIRST_BYTE, headers)) != b"@" * len(headers)
-        or b"".join(map(_FIRST_BYTE, lines[2:whole:4])) != b"+" * len(headers)
+        or b"".join(map(_FIRST_BYTE, lines[2:whole:4])) != b"+" * len(sequences)
         or not all(map(bytes.isalpha, sequences))
     ):
+        return None
+    ids = _plain_ids(lines[0:whole:4], b"@")
+    if ids is None:
+        return None
+    return list(map(Record, ids, map(bytes.decode, sequences), range(number, number + whole, 4), repeat(None)))
+
+
+def _regular_fasta(lines: list[bytes], number: int) -> tuple[list[Record], _Pending] | None:
+    """The records of alternating header and sequence lines (one-line FASTA, the usual
+    layout) in bulk, and the last record, which the next block may continue; None when the
+    lines are laid out otherwise."""
+    sequences = lines[1::2]
+    if not sequences or not all(map(bytes.isalpha, sequences)):
+        return None
+    ids = _plain_ids(lines[0::2], b">")
+    if ids is None:
+        return None
+    complete = len(ids) - 1  # the last record is left open
+    records = list(map(Record, ids[:complete], map(bytes.decode, sequences), range(number, number + 2 * complete, 2), repeat(None)))
+    return records, _Pending(ids[-1], number + 2 * complete, sequences[complete:])
+
+
+def _plain_ids(headers: list[bytes], marker: bytes) -> list[str] | None:
+    """The ids of headers that all start with `marker` and hold a non-empty ASCII id; None
+    otherwise (the line-by-line path then finds what is wrong)."""
+    if b"".join(map(_FIRST_BYTE, headers)) != marker * len(headers):
         return None
     text = b"\n".join(headers) + b"\n"
     if not text.isascii():
         return None
     ends = np.cumsum(np.fromiter(map(len, headers), np.int64, len(headers)) + 1) - 1
     starts = np.empty_like(ends)
-    starts[0], starts[1:] = 1, ends[:-1] + 2  # past each '@'
+    starts[0], starts[1:] = 1, ends[:-1] + 2  # past each marker
     ids = read_ids(text, np.frombuffer(text, np.uint8), starts, ends)
-    if not all(ids):
-        return None
-    return list(map(Record, map(bytes.decode, ids), map(bytes.decode, sequences), range(number, number + whole, 4), repeat(None)))
+    return list(map(bytes.decode, ids)) if all(ids) else None
 
 
 def fastq_record_damage(
