@@ -77,7 +77,7 @@ def indexed_records(obj: InputObject, endpoint_url: str | None) -> Iterator[tupl
             return
         lines = _HeaderOffsets(stream)
         for record in read_fasta(lines, obj.uri):  # type: ignore[arg-type]
-            yield record, lines.offsets.pop(record.line)
+            yield record, lines.offsets.pop(record.line, None)  # None: read from the start
 
 
 class _HeaderOffsets:
@@ -104,8 +104,10 @@ class _HeaderOffsets:
 
     def _numbered(self) -> Iterator[bytes]:
         offset = 0
+        numbered = True  # until a lone CR (a line break the reader counts, this loop not)
         for number, line in enumerate(self._stream, start=1):
-            if line.lstrip().startswith(b">"):
+            numbered = numbered and b"\r" not in line.removesuffix(b"\r\n")
+            if numbered and line.lstrip().startswith(b">"):
                 self.offsets[number] = offset
             offset += len(line)
             yield line
