@@ -246,7 +246,7 @@ def _split_lines(buf: bytes, arr: np.ndarray, final: bool) -> _Lines:
         ends = np.union1d(cr, lone_lf)
         crlf = (arr[ends] == _CR) & (np.append(arr, 0)[ends + 1] == _LF)
         starts = np.concatenate(([0], ends + 1 + crlf))
-    return _Lines(starts[:-1].astype(np.int64), ends.astype(np.int64), int(starts[-1]))
+    return _Lines(starts[:-1].astype(np.int64, copy=False), ends.astype(np.int64, copy=False), int(starts[-1]))
 
 
 def _line_list(buf: bytes, lines: _Lines, begin: int, end: int) -> list[bytes]:
