@@ -34,19 +34,27 @@ becomes that record's `status`, so the record still reaches the per-read table:
   with an id is scored; each later one is listed with this status and not scored, because
   output rows are keyed by id and two reads with one id cannot be told apart downstream.
 
-Memory holds one block (1 MiB) and one record at a time, whatever the file size.
-`core.scan.RecordScanner` finds the same records (offsets, line numbers, ids) without
-parsing them and raises the same errors; the two are tested to agree.
+Speed: a block (1 MiB) is split into lines at once; a block of well-formed FASTQ or
+one-line FASTA takes a bulk path (ids found with numpy by `read_ids`, records built by
+`map`), anything else the line-by-line path, which also finds and words every error.
+Gzip is inflated with isal (ISA-L), about 3x Python's zlib. Memory holds one block and
+its records, whatever the file size. `core.scan.RecordScanner` finds the same records
+(offsets, line numbers, ids) without parsing them and raises the same errors; the two are
+tested to agree.
 """
 from __future__ import annotations
 
+import functools
 import io
 import re
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from itertools import chain, repeat
+from operator import itemgetter
 from typing import BinaryIO
 
+import numpy as np
 from isal import igzip, isal_zlib
 
 BLOCK = 1 << 20  # bytes read at a time
@@ -55,20 +63,28 @@ GZIP_MAGIC = b"\x1f\x8b"
 WHITESPACE = b" \t\v\f"  # whitespace inside a line (line breaks are never part of a line)
 _CASAVA = re.compile(rb"[12]:[YN]:[0-9]+:")
 _MATES = (b"/1", b"/2")
+_MATE_SUFFIXES = (b"", b"/1", b"/2")
+_WHITE = np.zeros(256, dtype=bool)  # byte -> is WHITESPACE
+_WHITE[list(WHITESPACE)] = True
+_DIGIT = np.zeros(256, dtype=bool)
+_DIGIT[ord("0") : ord("9") + 1] = True
+_MATE_DIGIT = np.zeros(256, dtype=bool)
+_MATE_DIGIT[[ord("1"), ord("2")]] = True
+_FIRST_BYTE = itemgetter(slice(0, 1))
 
 # Formats recognised by their first bytes, with what to do about each.
 _MAGIC: tuple[tuple[bytes, str, str], ...] = (
-    (b"\x89PNG", "a PNG image", "Pass the reads file (FASTA or FASTQ, plain or gzip)"),
-    (b"%PDF", "a PDF document", "Pass the reads file (FASTA or FASTQ, plain or gzip)"),
-    (b"PK\x03\x04", "a zip archive", "Unzip it and pass the FASTA or FASTQ files inside"),
-    (b"BZh", "bzip2-compressed data", "Decompress it with bunzip2, or recompress with gzip"),
-    (b"\xfd7zXZ\x00", "xz-compressed data", "Decompress it with unxz, or recompress with gzip"),
-    (b"\x28\xb5\x2f\xfd", "zstd-compressed data", "Decompress it with `zstd -d`, or recompress with gzip"),
-    (b"BAM\x01", "a BAM file (binary alignments)", "Convert it to FASTQ first: `samtools fastq in.bam > reads.fastq`"),
-    (b"CRAM", "a CRAM file (binary alignments)", "Convert it to FASTQ first: `samtools fastq in.cram > reads.fastq`"),
-    (b"NCBI.sra", "an SRA archive", "Extract the reads first: `fasterq-dump run.sra`"),
-    (b"\x89HDF", "an HDF5 file (e.g. FAST5 raw signal)", "Basecall it first and pass the FASTQ output"),
-    (b"\x7fELF", "an executable", "Pass the reads file (FASTA or FASTQ, plain or gzip)"),
+    (b"\x89PNG", "a PNG image", "Pass the reads file (FASTA or FASTQ, plain or gzip)."),
+    (b"%PDF", "a PDF document", "Pass the reads file (FASTA or FASTQ, plain or gzip)."),
+    (b"PK\x03\x04", "a zip archive", "Unzip it and pass the FASTA or FASTQ files inside."),
+    (b"BZh", "bzip2-compressed data", "Decompress it with bunzip2, or recompress with gzip."),
+    (b"\xfd7zXZ\x00", "xz-compressed data", "Decompress it with unxz, or recompress with gzip."),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed data", "Decompress it with `zstd -d`, or recompress with gzip."),
+    (b"BAM\x01", "a BAM file (binary alignments)", "Convert it to FASTQ first: `samtools fastq in.bam > reads.fastq`."),
+    (b"CRAM", "a CRAM file (binary alignments)", "Convert it to FASTQ first: `samtools fastq in.cram > reads.fastq`."),
+    (b"NCBI.sra", "an SRA archive", "Extract the reads first: `fasterq-dump run.sra`."),
+    (b"\x89HDF", "an HDF5 file (e.g. FAST5 raw signal)", "Basecall it first and pass the FASTQ output."),
+    (b"\x7fELF", "an executable", "Pass the reads file (FASTA or FASTQ, plain or gzip)."),
 )
 
 
@@ -80,9 +96,14 @@ class ReadsError(ValueError):
         super().__init__(f"{name}, line {line}: {problem}. {fix}")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Record:
-    """One read: output id (after the mate rule), letters as in the file."""
+    """One read: output id (after the mate rule), letters as in the file.
+
+    Not frozen: the reader makes one per read, 10^8 a run, and a frozen dataclass costs
+    three times as much to build. Treat it as a value; `dataclasses.replace` makes changed
+    copies.
+    """
 
     id: str
     sequence: str
@@ -96,32 +117,103 @@ def read_id(header: bytes) -> bytes:
     The mate rule of the module docstring: ``name 1:N:0:ACGT`` gives ``name/1``.
     """
     fields = header.split(None, 1)
-    if not fields:
-        return b""
-    first = fields[0]
-    if len(fields) == 2 and not first.endswith(_MATES) and _CASAVA.match(fields[1]):
-        return first + b"/" + fields[1][:1]
+    if len(fields) != 2:
+        return fields[0] if fields else b""
+    first, description = fields
+    if description[1:2] == b":" and not first.endswith(_MATES):
+        return first + _mate_suffix(description)
     return first
 
 
+@functools.lru_cache(maxsize=4096)  # a file's Casava descriptions mostly repeat: one per mate and index
+def _mate_suffix(description: bytes) -> bytes:
+    return b"/" + description[:1] if _CASAVA.match(description) else b""
+
+
+def read_ids(buf: bytes, arr: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[bytes]:
+    """`read_id` of many headers of one buffer at once, with numpy over the bytes.
+
+    Header i's text (after its '>'/'@') is ``buf[starts[i]:ends[i]]`` and ``buf[ends[i]]``
+    is its line break; `arr` is `buf` as uint8. Headers out of the common shape (empty,
+    whitespace right after the marker, several whitespace characters before the
+    description) go through `read_id` itself.
+    """
+    if not len(starts):
+        return []
+    mask = arr == ord(" ")
+    for char in (b"\t", b"\v", b"\f"):
+        if char in buf:
+            mask |= arr == char[0]
+    spaces = np.flatnonzero(mask)
+    id_ends = np.minimum(np.append(spaces, len(buf))[np.searchsorted(spaces, starts)], ends)
+    described = id_ends < ends
+    odd = (starts >= ends) | _WHITE[arr[np.minimum(starts, ends)]]
+    odd |= described & _WHITE[arr[np.minimum(id_ends + 1, ends)]]
+    mates = _casava_mates(arr, starts, id_ends, ends, np.flatnonzero(described & ~odd))
+    begins = starts.tolist()
+    if mates is None:
+        ids = [buf[a:b] for a, b in zip(begins, id_ends.tolist())]
+    else:
+        ids = [buf[a:b] + _MATE_SUFFIXES[m] for a, b, m in zip(begins, id_ends.tolist(), mates.tolist())]
+    for index in np.flatnonzero(odd).tolist():
+        ids[index] = read_id(buf[begins[index] : int(ends[index])])
+    return ids
+
+
+def _casava_mates(
+    arr: np.ndarray, starts: np.ndarray, id_ends: np.ndarray, ends: np.ndarray, pick: np.ndarray
+) -> np.ndarray | None:
+    """Per header 0, or the mate (1, 2) its Casava description gives it; None if none does.
+    `pick`: the headers whose description starts right after one whitespace character."""
+    if not len(pick):
+        return None
+    desc, end = id_ends[pick] + 1, ends[pick]
+
+    def at(k: int) -> np.ndarray:  # the description's k-th byte; the line break past its end
+        return arr[np.minimum(desc + k, end)]
+
+    mate, flag = at(0), at(2)
+    ok = ((mate == ord("1")) | (mate == ord("2"))) & (at(1) == ord(":"))
+    ok &= ((flag == ord("Y")) | (flag == ord("N"))) & (at(3) == ord(":")) & _DIGIT[at(4)]
+    tail = np.maximum(id_ends[pick] - 2, 0)  # an id already ending in /1 or /2 keeps it
+    ok &= ~((id_ends[pick] - starts[pick] >= 2) & (arr[tail] == ord("/")) & _MATE_DIGIT[arr[tail + 1]])
+    pick, mate, position, end = pick[ok], mate[ok], desc[ok] + 5, end[ok]
+    matched = np.zeros(len(pick), dtype=bool)
+    active = np.arange(len(pick))
+    while len(active):  # the rest of the digits of the third field, then ':'
+        byte = arr[np.minimum(position[active], end[active])]
+        matched[active[byte == ord(":")]] = True
+        active = active[_DIGIT[byte]]
+        position[active] += 1
+    if not matched.any():
+        return None
+    mates = np.zeros(len(starts), dtype=np.int64)
+    mates[pick[matched]] = mate[matched].astype(np.int64) - ord("0")
+    return mates
+
+
 def read_records(stream: BinaryIO, name: str, first_line: int = 1) -> Iterator[Record]:
-    """Yield the records of a plain or gzip FASTA or FASTQ byte stream, in file order.
+    """The records of a plain or gzip FASTA or FASTQ byte stream, in file order, lazily.
 
     `first_line` is the line number of the stream's first byte: a reader started at a
     record's byte offset (from `core.scan`) passes the record's line so messages stay right.
     """
-    batches = _line_batches(decompressed(stream, name), name, first_line)
-    start = _first_record(batches, name)
-    if start is None:
-        return
-    fastq, batches = start
-    yield from (_fastq(batches, name) if fastq else _fasta(batches, name))
+    return chain.from_iterable(_record_batches(stream, name, first_line))
 
 
 def open_records(path: str) -> Iterator[Record]:
     """Records of a local FASTA or FASTQ file (plain or gzip)."""
     with open(path, "rb") as handle:
         yield from read_records(handle, path)
+
+
+def _record_batches(stream: BinaryIO, name: str, first_line: int) -> Iterator[list[Record]]:
+    """Records a block at a time (handing them out one by one costs more than the parse)."""
+    batches = _line_batches(decompressed(stream, name), name, first_line)
+    start = _first_record(batches, name)
+    if start is not None:
+        fastq, batches = start
+        yield from (_fastq(batches, name) if fastq else _fasta(batches, name))
 
 
 def mark_duplicates(records: Iterable[Record], seen: set[str]) -> Iterator[Record]:
@@ -177,7 +269,7 @@ _DAMAGE = {
     "not_reads": (
         "text before the first record: the first line that is not blank starts with neither "
         "'>' (FASTA) nor '@' (FASTQ)",
-        "Pass a FASTA or FASTQ file; is this one?",
+        "Pass a FASTA file (records start with '>') or a FASTQ file (records start with '@').",
     ),
     "no_id": (
         "a '{marker}' header with no id after it",
@@ -311,27 +403,58 @@ def _header_id(header: bytes, name: str, line: int, marker: str) -> str:
         raise damage(name, line, "not_utf8") from None
 
 
-def _fasta(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[Record]:
-    ident = ""
-    header_line = 0
-    parts: list[bytes] = []
+@dataclass
+class _Pending:
+    """The FASTA record being read: its id, header line and sequence lines so far."""
+
+    ident: str
+    line: int
+    parts: list[bytes]
+
+
+def _fasta(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[list[Record]]:
+    pending: _Pending | None = None
     for number, lines in batches:
-        for index, line in enumerate(lines):
-            first = line[:1]
-            if first != b">" and (first not in WHITESPACE or line.lstrip(WHITESPACE)[:1] != b">"):
-                parts.append(line)
-                continue
-            if header_line:
-                yield _fasta_record(ident, header_line, parts)
-            header_line = number + index
-            ident = _header_id(line.lstrip(WHITESPACE)[1:], name, header_line, ">")
-            parts = []
-    if header_line:
-        yield _fasta_record(ident, header_line, parts)
+        done: list[Record] = []
+        try:
+            first = next((index for index, line in enumerate(lines) if line[:1] == b">"), len(lines))
+            pending = _fasta_lines(lines[:first], number, pending, done, name)
+            regular = _regular_fasta(lines[first:], number + first)
+            if regular is None:
+                pending = _fasta_lines(lines[first:], number + first, pending, done, name)
+            else:
+                if pending is not None:
+                    done.append(_fasta_record(pending))
+                records, pending = regular
+                done += records
+        except ReadsError:
+            yield done  # the records before the damage, then the error
+            raise
+        yield done
+    if pending is not None:
+        yield [_fasta_record(pending)]
 
 
-def _fasta_record(ident: str, line: int, parts: list[bytes]) -> Record:
-    sequence = b"".join(parts)
+def _fasta_lines(
+    lines: list[bytes], number: int, pending: _Pending | None, done: list[Record], name: str
+) -> _Pending | None:
+    """Read FASTA lines one by one: append finished records to `done`; the open record."""
+    for index, line in enumerate(lines):
+        first = line[:1]
+        if first != b">" and (first not in WHITESPACE or line.lstrip(WHITESPACE)[:1] != b">"):
+            if pending is not None:
+                pending.parts.append(line)
+            continue
+        if pending is not None:
+            done.append(_fasta_record(pending))
+        header_line = number + index
+        pending = _Pending(_header_id(line.lstrip(WHITESPACE)[1:], name, header_line, ">"), header_line, [])
+    return pending
+
+
+def _fasta_record(record: _Pending) -> Record:
+    ident, line = record.ident, record.line
+    sequence = b"".join(record.parts)
     if sequence.isalpha():  # bytes.isalpha: ASCII letters only
         return Record(ident, sequence.decode("ascii"), line)
     sequence = sequence.translate(None, WHITESPACE)
@@ -341,7 +464,7 @@ def _fasta_record(ident: str, line: int, parts: list[bytes]) -> Record:
     return Record(ident, text, line, None if sequence.isalpha() else "invalid_characters")
 
 
-def _fastq(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[Record]:
+def _fastq(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[list[Record]]:
     held: list[bytes] = []  # lines of a record cut by the end of a batch
     held_number = 0
     blank_line = 0  # a blank line where a header belongs: fine only if nothing but blanks follows
@@ -353,29 +476,94 @@ def _fastq(batches: Iterator[tuple[int, list[bytes]]], name: str) -> Iterator[Re
             continue
         whole = len(lines) - len(lines) % 4
         held, held_number = lines[whole:], number + whole
-        line = number - 4
-        four = iter(lines)
-        for header, sequence, plus, quality in zip(four, four, four, four):
-            line += 4
-            if header[:1] != b"@" or plus[:1] != b"+" or len(quality) != len(sequence):
-                if not header.strip(WHITESPACE):
-                    blank_line = line
-                    only_blanks(lines[line - number :], blank_line, name)
-                    held = []
-                    break
-                raise fastq_record_damage(header, sequence, plus, quality, line, name)
-            ident = _header_id(header[1:], name, line, "@")
-            if sequence.isalpha():
-                yield Record(ident, sequence.decode("ascii"), line)
-            elif not sequence:
-                yield Record(ident, "", line, "empty")
-            else:
-                yield Record(ident, sequence.decode("latin-1"), line, "invalid_characters")
+        regular = _regular_fastq(lines, whole, number)
+        if regular is None:
+            done: list[Record] = []
+            try:
+                blank_line = _fastq_one_by_one(lines[:whole], number, name, done)
+            except ReadsError:
+                yield done  # the records before the damage, then the error
+                raise
+            if blank_line:
+                only_blanks(lines[blank_line - number :], blank_line, name)
+                held = []
+            regular = done
+        yield regular
     if held and not blank_line:
         if not held[0].strip(WHITESPACE):
             only_blanks(held, held_number, name)
         else:
             raise fastq_tail_damage(held, held_number, name)
+
+
+def _fastq_one_by_one(lines: list[bytes], number: int, name: str, done: list[Record]) -> int:
+    """Append the records of whole 4-line groups to `done`, raising at the first damage;
+    the line number of a blank line where a header belongs (0 if none) ends the records."""
+    line = number - 4
+    four = iter(lines)
+    for header, sequence, plus, quality in zip(four, four, four, four):
+        line += 4
+        if header[:1] != b"@" or plus[:1] != b"+" or len(quality) != len(sequence):
+            if not header.strip(WHITESPACE):
+                return line
+            raise fastq_record_damage(header, sequence, plus, quality, line, name)
+        ident = _header_id(header[1:], name, line, "@")
+        if sequence.isalpha():
+            done.append(Record(ident, sequence.decode("ascii"), line, None))
+        elif not sequence:
+            done.append(Record(ident, "", line, "empty"))
+        else:
+            done.append(Record(ident, sequence.decode("latin-1"), line, "invalid_characters"))
+    return 0
+
+
+def _regular_fastq(lines: list[bytes], whole: int, number: int) -> list[Record] | None:
+    """The records of the first `whole` lines in bulk when every one is well formed with a
+    plain id and letters only (nearly always); None sends the batch through the loop that
+    finds what is wrong."""
+    if not whole:
+        return []
+    sequences = lines[1:whole:4]
+    if (
+        list(map(len, sequences)) != list(map(len, lines[3:whole:4]))
+        or b"".join(map(_FIRST_BYTE, lines[2:whole:4])) != b"+" * len(sequences)
+        or not all(map(bytes.isalpha, sequences))
+    ):
+        return None
+    ids = _plain_ids(lines[0:whole:4], b"@")
+    if ids is None:
+        return None
+    return list(map(Record, ids, map(bytes.decode, sequences), range(number, number + whole, 4), repeat(None)))
+
+
+def _regular_fasta(lines: list[bytes], number: int) -> tuple[list[Record], _Pending] | None:
+    """The records of alternating header and sequence lines (one-line FASTA, the usual
+    layout) in bulk, and the last record, which the next block may continue; None when the
+    lines are laid out otherwise."""
+    sequences = lines[1::2]
+    if not sequences or not all(map(bytes.isalpha, sequences)):
+        return None
+    ids = _plain_ids(lines[0::2], b">")
+    if ids is None:
+        return None
+    complete = len(ids) - 1  # the last record is left open
+    records = list(map(Record, ids[:complete], map(bytes.decode, sequences), range(number, number + 2 * complete, 2), repeat(None)))
+    return records, _Pending(ids[-1], number + 2 * complete, sequences[complete:])
+
+
+def _plain_ids(headers: list[bytes], marker: bytes) -> list[str] | None:
+    """The ids of headers that all start with `marker` and hold a non-empty ASCII id; None
+    otherwise (the line-by-line path then finds what is wrong)."""
+    if b"".join(map(_FIRST_BYTE, headers)) != marker * len(headers):
+        return None
+    text = b"\n".join(headers) + b"\n"
+    if not text.isascii():
+        return None
+    ends = np.cumsum(np.fromiter(map(len, headers), np.int64, len(headers)) + 1) - 1
+    starts = np.empty_like(ends)
+    starts[0], starts[1:] = 1, ends[:-1] + 2  # past each marker
+    ids = read_ids(text, np.frombuffer(text, np.uint8), starts, ends)
+    return list(map(bytes.decode, ids)) if all(ids) else None
 
 
 def fastq_record_damage(

@@ -36,16 +36,13 @@ from core.reads import (
     fastq_tail_damage,
     first_record_format,
     only_blanks,
-    read_id,
+    read_ids,
     refuse_binary,
 )
 
-_LF, _CR, _GT, _AT, _PLUS, _COLON, _SLASH = 10, 13, ord(">"), ord("@"), ord("+"), ord(":"), ord("/")
+_LF, _CR, _GT, _AT, _PLUS = 10, 13, ord(">"), ord("@"), ord("+")
 _WHITE_CODES = np.zeros(256, dtype=bool)
 _WHITE_CODES[list(WHITESPACE)] = True
-_DIGIT_CODES = np.zeros(256, dtype=bool)
-_DIGIT_CODES[ord("0") : ord("9") + 1] = True
-_MATE_SUFFIX = (b"", b"/1", b"/2")
 
 
 @dataclass
@@ -217,65 +214,10 @@ class RecordScanner:
     ) -> list[bytes]:
         """Output ids of the headers whose text (after the marker) spans [starts, ends);
         `rows` are their line indices in the buffer, for messages."""
-        count = len(starts)
-        if not count:
-            return []
-        spaces = _whitespace_positions(buf, arr)
-        after = np.searchsorted(spaces, starts)
-        next_space = np.append(spaces, len(buf))[after]
-        id_ends = np.minimum(next_space, ends)
-        # Unusual headers take read_id itself: empty, whitespace right after the marker, or
-        # a description after more than one whitespace character.
-        desc = id_ends + 1
-        described = id_ends < ends
-        odd = (starts >= ends) | _WHITE_CODES[arr[np.minimum(starts, ends)]]
-        odd |= described & _WHITE_CODES[arr[np.minimum(desc, ends)]]
-        mates = self._casava_mates(arr, starts, id_ends, desc, ends, described & ~odd)
-        starts_list, ends_list = starts.tolist(), id_ends.tolist()
-        if mates is None:
-            ids = [buf[a:b] for a, b in zip(starts_list, ends_list)]
-        else:
-            ids = [buf[a:b] + _MATE_SUFFIX[m] for a, b, m in zip(starts_list, ends_list, mates.tolist())]
-        for index in np.flatnonzero(odd).tolist():
-            ids[index] = read_id(buf[starts_list[index] : int(ends[index])])
-        if odd.any() or not buf.isascii():
+        ids = read_ids(buf, arr, starts, ends)
+        if not buf.isascii() or not all(ids):
             self._check_ids(ids, rows, marker)
         return ids
-
-    @staticmethod
-    def _casava_mates(
-        arr: np.ndarray, starts: np.ndarray, id_ends: np.ndarray, desc: np.ndarray, ends: np.ndarray, candidates: np.ndarray
-    ) -> np.ndarray | None:
-        """Per header 0, or the mate (1, 2) that a Casava description gives it; None if no
-        header has one."""
-        pick = np.flatnonzero(candidates)
-        if not len(pick):
-            return None
-        d, e = desc[pick], ends[pick]
-
-        def at(k: int) -> np.ndarray:
-            return arr[np.minimum(d + k, e)]
-
-        mate_byte = at(0)
-        ok = ((mate_byte == ord("1")) | (mate_byte == ord("2"))) & (at(1) == _COLON)
-        flag = at(2)
-        ok &= ((flag == ord("Y")) | (flag == ord("N"))) & (at(3) == _COLON) & _DIGIT_CODES[at(4)]
-        # an id already ending in /1 or /2 keeps it
-        ids_len = id_ends[pick] - starts[pick]
-        tail = np.maximum(id_ends[pick] - 2, 0)
-        ok &= ~((ids_len >= 2) & (arr[tail] == _SLASH) & ((arr[tail + 1] == ord("1")) | (arr[tail + 1] == ord("2"))))
-        pick, mate_byte, d, e = pick[ok], mate_byte[ok], d[ok], e[ok]
-        matched = np.zeros(len(pick), dtype=bool)
-        active = np.arange(len(pick))
-        position = d + 5
-        while len(active):  # the digits of the third field, then ':'
-            byte = arr[np.minimum(position[active], e[active])]
-            matched[active[byte == _COLON]] = True
-            active = active[_DIGIT_CODES[byte]]
-            position[active] += 1
-        mates = np.zeros(len(starts), dtype=np.int64)
-        mates[pick[matched]] = mate_byte[matched].astype(np.int64) - ord("0")
-        return mates if matched.any() else None
 
     def _check_ids(self, ids: list[bytes], rows: np.ndarray, marker: str) -> None:
         """Raise the reader's error for the first id that is empty or not UTF-8."""
@@ -304,15 +246,7 @@ def _split_lines(buf: bytes, arr: np.ndarray, final: bool) -> _Lines:
         ends = np.union1d(cr, lone_lf)
         crlf = (arr[ends] == _CR) & (np.append(arr, 0)[ends + 1] == _LF)
         starts = np.concatenate(([0], ends + 1 + crlf))
-    return _Lines(starts[:-1].astype(np.int64), ends.astype(np.int64), int(starts[-1]))
-
-
-def _whitespace_positions(buf: bytes, arr: np.ndarray) -> np.ndarray:
-    mask = arr == ord(" ")
-    for char in (b"\t", b"\v", b"\f"):
-        if char in buf:
-            mask |= arr == char[0]
-    return np.flatnonzero(mask)
+    return _Lines(starts[:-1].astype(np.int64, copy=False), ends.astype(np.int64, copy=False), int(starts[-1]))
 
 
 def _line_list(buf: bytes, lines: _Lines, begin: int, end: int) -> list[bytes]:

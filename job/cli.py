@@ -40,9 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     translate = commands.add_parser(
-        "translate", help="chunk and six-frame translate a FASTA file (the published tool's files)"
+        "translate", help="chunk and six-frame translate a FASTA or FASTQ file (the published tool's files)"
     )
-    translate.add_argument("--input", required=True, help="FASTA file, plain or gzip")
+    translate.add_argument("--input", required=True, help="FASTA or FASTQ file, plain or gzip")
     translate.add_argument("--chunk-length", type=int, choices=(300, 500), required=True)
     translate.add_argument("--out-dir", required=True, help="writes chunked.fa, identified_nucleotide.fa, identified_protein.faa")
     translate.set_defaults(handler=_translate)

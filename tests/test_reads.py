@@ -1,13 +1,18 @@
-"""The FASTA reader on good and malformed input: documented errors and per-read statuses."""
+"""The FASTA and FASTQ reader on good and malformed input: documented errors and per-read statuses."""
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
+import random
+import struct
 import tracemalloc
+import zlib
 
 import pytest
 
-from core.reads import ReadsError, Record, mark_duplicates, read_records
+from core.reads import ReadsError, Record, mark_duplicates, open_records, read_id, read_records
 from job.cli import main
 
 
@@ -116,3 +121,188 @@ def test_every_command_has_help(capsys) -> None:  # noqa: ANN001
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert f"usage: virnucpro {command}" in capsys.readouterr().out
+
+
+# FASTQ, compression kinds, line breaks, binary input, mates
+
+READS = [("r1", "ACGTAC", None), ("r2", "", "empty"), ("r3", "AC-GT", "invalid_characters"), ("r4", "nnAC", None)]
+
+
+def as_fasta(reads: list[tuple[str, str, str | None]]) -> bytes:
+    return b"".join(b">%s desc\n%s\n" % (ident.encode(), seq.encode()) for ident, seq, _ in reads)
+
+
+def as_fastq(reads: list[tuple[str, str, str | None]]) -> bytes:
+    return b"".join(
+        b"@%s desc\n%s\n+\n%s\n" % (ident.encode(), seq.encode(), b"@" * len(seq)) for ident, seq, _ in reads
+    )
+
+
+def bgzf(data: bytes, block: int = 7) -> bytes:
+    """BGZF (the blocked gzip of samtools/tabix): one gzip member per block, each with the
+    'BC' extra field holding the member's size, then the empty end-of-file member."""
+    members = []
+    for start in range(0, len(data), block) if data else []:
+        chunk = data[start : start + block]
+        deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+        body = deflate.compress(chunk) + deflate.flush()
+        size = 18 + len(body) + 8
+        header = b"\x1f\x8b\x08\x04" + bytes(4) + b"\x00\xff" + struct.pack("<H2sHH", 6, b"BC", 2, size - 1)
+        members.append(header + body + struct.pack("<II", zlib.crc32(chunk), len(chunk)))
+    eof = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
+    return b"".join(members) + eof
+
+
+def summary(data: bytes, name: str = "in") -> list[tuple[str, str, str | None]]:
+    return [(r.id, r.sequence, r.status) for r in records(data, name)]
+
+
+@pytest.mark.parametrize(
+    "pack",
+    [
+        lambda d: d,
+        lambda d: gzip.compress(d),
+        lambda d: gzip.compress(d[:20]) + gzip.compress(d[20:41]) + gzip.compress(d[41:]),  # multi-member
+        bgzf,
+    ],
+    ids=["plain", "gzip", "multi-member gzip", "bgzf"],
+)
+@pytest.mark.parametrize("layout", [as_fasta, as_fastq], ids=["fasta", "fastq"])
+def test_fastq_and_every_gzip_kind_give_the_reads_of_the_fasta(pack, layout) -> None:  # noqa: ANN001
+    assert summary(pack(layout(READS))) == READS
+    fastq = records(pack(as_fastq(READS)))
+    assert [r.line for r in fastq] == [1, 5, 9, 13]
+
+
+def test_bgzf_helper_writes_real_bgzf() -> None:
+    data = bgzf(b">r1\nACGT\n")
+    assert data[12:16] == b"BC\x02\x00" and gzip.decompress(data) == b">r1\nACGT\n"
+
+
+@pytest.mark.parametrize("breaks", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
+def test_every_line_break_gives_every_record(breaks: bytes) -> None:
+    for layout in (as_fasta, as_fastq):
+        data = layout(READS).replace(b"\n", breaks)
+        got = records(data)
+        assert [(r.id, r.sequence, r.status) for r in got] == READS
+        assert [r.line for r in got] == [r.line for r in records(layout(READS))]
+
+
+def test_cr_only_fasta_is_not_one_read() -> None:  # issue 12 item 1
+    data = b">ok1\rACGT\r>ok2\rGGCC\r>ok3\rTT\r"
+    assert summary(data) == [("ok1", "ACGT", None), ("ok2", "GGCC", None), ("ok3", "TT", None)]
+
+
+def test_a_utf8_byte_order_mark_is_accepted() -> None:  # issue 12 item 9
+    assert summary(b"\xef\xbb\xbf>r1\nACGT\n") == [("r1", "ACGT", None)]
+    assert summary(b"\xef\xbb\xbf@r1\nACGT\n+\nIIII\n") == [("r1", "ACGT", None)]
+    assert summary(gzip.compress(b"\xef\xbb\xbf\n>r1\nAC\n")) == [("r1", "AC", None)]
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(20), "this is a PNG image, not FASTA or FASTQ text"),
+        (bz2.compress(b">r1\nACGT\n"), "bzip2-compressed data, not FASTA or FASTQ text. Decompress it with bunzip2, or recompress with gzip"),
+        (lzma.compress(b">r1\nACGT\n"), "xz-compressed data"),
+        (b"\x28\xb5\x2f\xfd" + bytes(12), "zstd-compressed data"),
+        (b"PK\x03\x04" + bytes(30), "a zip archive"),
+        (b"%PDF-1.7\n" + bytes(10), "a PDF document"),
+        (gzip.compress(b"BAM\x01" + bytes(40)), "a BAM file (binary alignments), not FASTA or FASTQ text. Convert it to FASTQ first: `samtools fastq"),
+        (b">r1\nAC\x00GT\n", "binary data (a NUL byte)"),
+    ],
+    ids=["png", "bzip2", "xz", "zstd", "zip", "pdf", "bam", "nul"],
+)
+def test_binary_input_is_named_with_its_fix(data: bytes, words: str) -> None:  # issue 12 item 11
+    with pytest.raises(ReadsError) as error:
+        records(data, "sample.fq")
+    assert str(error.value).startswith("sample.fq, line ") and words in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "line", "words"),
+    [
+        (b"r1\nACGT\n+\nIIII\n", 1, "text before the first record"),
+        (b"@r1\nACGT\nIIII\n", 3, "expected the '+' line of the FASTQ record whose header is line 1, found 'IIII'"),
+        (b"@r1\nACGT\nACGT\n+\nIIIIIIII\n", 3, "multi-line FASTQ is not supported"),
+        (b"@r1\nACGT\n+\nIII\n", 4, "the quality line has 3 characters for a sequence of 4"),
+        (b"@r1\nACGT\n+\nIIIII\n", 4, "the quality line has 5 characters for a sequence of 4"),
+        (b"@r1\nACGT\n+\nIIII\n@r2\nAC\n+\n", 5, "the last FASTQ record is cut short: 3 of its 4 lines"),
+        (b"@r1\nACGT\n+\nIIII\n@r2\n", 5, "cut short: 1 of its 4 lines"),
+        (b"@r1\nACGT\n+\nIIII\n@r2\nAC\n+\nI", 8, "the quality line has 1 characters for a sequence of 2"),
+        (b"@r1\nACGT\n+\nIIII\nr2\nAC\n+\nII\n", 5, "expected a FASTQ header starting with '@', found 'r2'"),
+        (b"@r1\nACGT\n+\nIIII\n\n@r2\nAC\n+\nII\n", 5, "a blank line between FASTQ records"),
+        (b"@\nACGT\n+\nIIII\n", 1, "a '@' header with no id after it"),
+        (b"@ \xff\xfe\nACGT\n+\nIIII\n", 1, "the header is not UTF-8 text"),
+        (b"@r1\nAC\x00GT\n+\nIIII\n", 2, "binary data (a NUL byte)"),
+    ],
+)
+def test_malformed_fastq_names_file_line_and_fix(data: bytes, line: int, words: str) -> None:
+    with pytest.raises(ReadsError) as error:
+        records(data, "sample.fq")
+    message = str(error.value)
+    assert message.startswith(f"sample.fq, line {line}:") and words in message
+    assert error.value.line == line and len(message.split(": ", 1)[1].split(". ")) >= 2  # a fix follows the problem
+
+
+def test_fastq_damage_confined_to_a_read_is_its_status() -> None:
+    data = b"@e\n\n+\n\n@bad\nAC*GT\n+\nIIIII\n@ok\nacgt\n+\n@@@@\n\n\n"  # '@' quality, trailing blanks
+    assert summary(data) == [("e", "", "empty"), ("bad", "AC*GT", "invalid_characters"), ("ok", "acgt", None)]
+
+
+def test_a_reader_started_at_a_record_names_the_right_lines() -> None:
+    data = b"@r1\nACGT\n+\nIIII\n@r2\nAC\n+\nII\n@r3\nAC\n+\nI\n"
+    offset = data.index(b"@r2")
+    got = read_records(io.BytesIO(data[offset:]), "in.fq", first_line=5)
+    assert next(got) == Record("r2", "AC", 5)
+    with pytest.raises(ReadsError, match=r"^in.fq, line 12: the quality line"):
+        next(got)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (b"name 1:N:0:ACGT", b"name/1"),
+        (b"name 2:Y:18:ACGT+GGTT", b"name/2"),
+        (b"name/1 2:N:0:ACGT", b"name/1"),  # an id's own /1 /2 is kept
+        (b"name/2", b"name/2"),
+        (b"name 3:N:0:ACGT", b"name"),
+        (b"name 1:N:0", b"name"),  # needs the ':' after the control number
+        (b"name 1:X:0:A", b"name"),
+        (b"name\t1:N:0:A", b"name/1"),
+        (b"  name  1:N:0:A", b"name/1"),
+        (b"SRR1.1 HWI:8:1101:1:1 length=150", b"SRR1.1"),
+        (b"", b""),
+        (b"   ", b""),
+    ],
+)
+def test_read_id_mate_rule(header: bytes, expected: bytes) -> None:
+    assert read_id(header) == expected
+
+
+def test_paired_files_give_distinct_mates_and_true_duplicates_stay_duplicates(tmp_path) -> None:  # noqa: ANN001
+    one = b"@M1:8:FC:1:1101:1:1 1:N:0:ACGT\nACGT\n+\nIIII\n@M1:8:FC:1:1101:1:2 1:N:0:ACGT\nGGCC\n+\nIIII\n"
+    two = one.replace(b" 1:N:0", b" 2:N:0") + b"@M1:8:FC:1:1101:1:1 2:N:0:ACGT\nTTTT\n+\nIIII\n"
+    (tmp_path / "R1.fastq.gz").write_bytes(gzip.compress(one))
+    (tmp_path / "R2.fastq.gz").write_bytes(gzip.compress(two))
+    seen: set[str] = set()
+    got = [r for path in ("R1.fastq.gz", "R2.fastq.gz") for r in mark_duplicates(open_records(str(tmp_path / path)), seen)]
+    assert [(r.id, r.status) for r in got] == [
+        ("M1:8:FC:1:1101:1:1/1", None),
+        ("M1:8:FC:1:1101:1:2/1", None),
+        ("M1:8:FC:1:1101:1:1/2", None),
+        ("M1:8:FC:1:1101:1:2/2", None),
+        ("M1:8:FC:1:1101:1:1/2", "duplicate_id"),
+    ]
+
+
+def test_cli_translate_reads_fastq_like_fasta(tmp_path) -> None:  # noqa: ANN001
+    rng = random.Random(3)
+    reads = [(f"r{i}", "".join(rng.choices("ACGT", k=rng.randint(300, 900))), None) for i in range(6)]
+    outputs = []
+    for name, layout in (("in.fa", as_fasta), ("in.fq.gz", lambda r: gzip.compress(as_fastq(r)))):
+        (tmp_path / name).write_bytes(layout(reads))
+        out = tmp_path / f"out-{name}"
+        assert main(["translate", "--input", str(tmp_path / name), "--chunk-length", "300", "--out-dir", str(out)]) == 0
+        outputs.append([(out / f).read_bytes() for f in ("chunked.fa", "identified_nucleotide.fa", "identified_protein.faa")])
+    assert outputs[0] == outputs[1] and outputs[0][0]

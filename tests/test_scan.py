@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.reads import ReadsError, read_records
+from core.reads import ReadsError, read_id, read_ids, read_records
 from core.scan import RecordScanner, Scanned
 
 _BREAKS = st.sampled_from([b"\n", b"\r\n", b"\r"])
@@ -135,3 +135,18 @@ def test_scanner_raises_the_readers_errors(data: bytes, line: int, words: str) -
         scan(data, [3] * 10)
     assert str(error.value).startswith(f"in, line {line}:") and words in str(error.value)
     check_agreement(data, [3] * 10)
+
+
+_HEADER_WORDS = st.sampled_from([b"r", b"r/1", b"r/2", b"/1", b"1:N:0:A", b"2:Y:123:", b"1:N:0", b"1:N::", b"3:N:0:A", b"2:n:0:A", b"x"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(headers=st.lists(st.lists(st.one_of(_HEADER_WORDS, _IDS), max_size=3).flatmap(
+    lambda words: st.lists(st.sampled_from([b" ", b"\t", b"  ", b"\v"]), min_size=len(words) + 1, max_size=len(words) + 1).map(
+        lambda gaps: gaps[0][: len(gaps[0]) % 2] + b"".join(w + g for w, g in zip(words, gaps[1:])))), min_size=1, max_size=12))
+def test_read_ids_is_read_id_over_many_headers(headers: list[bytes]) -> None:
+    text = b"".join(b">" + header + b"\n" for header in headers)
+    lengths = np.array([len(h) for h in headers], dtype=np.int64)
+    ends = np.cumsum(lengths + 2) - 1
+    starts = ends - lengths
+    assert read_ids(text, np.frombuffer(text, np.uint8), starts, ends) == [read_id(h) for h in headers]
