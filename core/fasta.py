@@ -23,12 +23,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
+from core.errors import UserError
+
 _LETTERS = bytes(range(ord("A"), ord("Z") + 1)) + bytes(range(ord("a"), ord("z") + 1))
 _WHITESPACE = b" \t\r\n\v\f"
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-class FastaError(ValueError):
+class FastaError(UserError, ValueError):
     """The input cannot be read as FASTA; the message names file, line and fix."""
 
     def __init__(self, name: str, line: int, problem: str, fix: str) -> None:
