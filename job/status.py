@@ -1,7 +1,9 @@
 """How far a run is: shards done, leased, pending and failed, throughput and ETA.
 
 Used by `virnucpro status` and by the running job's periodic progress line. It only reads
-the plan and the shard records, so it can be run from anywhere, at any time.
+the plan and the shard records, so it can be run from anywhere, at any time. "Leased" and
+reads/s compare the holders' wall times with this machine's clock: for display only (the
+job itself never compares clocks, see job/lease.py).
 """
 from __future__ import annotations
 

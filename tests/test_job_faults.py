@@ -129,7 +129,7 @@ def test_a_finished_run_refuses_other_inputs_and_models(demo_models: Path, tmp_p
     assert run(args).returncode == 0
     write_reads(tmp_path / "other.fa", 12, seed=3)
     other = run(run_args(demo_models, [str(tmp_path / "other.fa")], out, "--workers", "1"))
-    assert other.returncode == 65 and "is not part of the run already planned" in one_line_error(other.stderr)
+    assert other.returncode == 65 and "is missing now" in one_line_error(other.stderr)
     bad = bad_tokenizer_model(demo_models, tmp_path / "dnabert_bad")
     other_model = run([*args, "--dnabert-model", str(bad)])
     assert other_model.returncode == 65, other_model.stderr
