@@ -118,9 +118,6 @@ class _BatchRun:
         if (marker := read_marker(store)) is not None:
             if not (marker[0] == FAILED and self.config.retry_failed):
                 self.log.info("already_finished", marker=marker[0], run_id=plan.run_id)
-                if marker[0] == FAILED:
-                    print("virnucpro: the run finished with failed shards (_FAILED); fix their cause "
-                          "and rerun with --retry-failed to run them again", file=sys.stderr)
                 return _report(*marker)
             reopened = reopen_failed(store, range(len(plan.shards)))
             store.delete([FAILED])
@@ -278,4 +275,8 @@ def _signal_all(processes: list[subprocess.Popen], signum: int) -> None:
 def _report(marker: str, summary: dict) -> int:
     """Print the run's summary on stdout; the exit code says whether every shard succeeded."""
     print(json.dumps(summary, indent=2, sort_keys=True))
-    return exit_codes.SHARDS_FAILED if marker == FAILED else exit_codes.OK
+    if marker != FAILED:
+        return exit_codes.OK
+    print("virnucpro: the run finished with failed shards (_FAILED lists their errors); fix their "
+          "cause and rerun the same command with --retry-failed to run them again", file=sys.stderr)
+    return exit_codes.SHARDS_FAILED
