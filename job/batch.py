@@ -94,7 +94,8 @@ class _BatchRun:
         if self.stop.is_set():
             raise Interrupted("stopped during start-up")
         store = open_store(self.config.output, self.endpoint)
-        _check_writable(store, self.owner)
+        if read_marker(store) is None or self.config.retry_failed:  # nothing is written after the marker
+            _check_writable(store, self.owner)
         inputs = resolve_inputs(self.config.inputs, self.endpoint)
         models = {
             name: localize_model(getattr(self.config, name), self.config.model_cache, self.endpoint)

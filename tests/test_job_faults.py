@@ -133,8 +133,10 @@ def test_a_finished_run_refuses_other_inputs_and_models(demo_models: Path, tmp_p
     bad = bad_tokenizer_model(demo_models, tmp_path / "dnabert_bad")
     other_model = run([*args, "--dnabert-model", str(bad)])
     assert other_model.returncode == 65, other_model.stderr
+    before = {str(p): p.stat().st_mtime_ns for p in Path(out).rglob("*")}
     again = run(args)
     assert again.returncode == 0 and json.loads(again.stdout)["reads"] == 12
+    assert {str(p): p.stat().st_mtime_ns for p in Path(out).rglob("*")} == before  # nothing written after the marker
 
 
 def test_bench_without_a_gpu_is_a_usage_error() -> None:
