@@ -20,7 +20,7 @@ from job.plan import load_plan
 from job.shards import read_shard
 from job.store import open_store
 from job_support import (  # noqa: F401 (fixtures)
-    FINAL_FILES, FakeIMDS, FaultProxy, JobProcess, bucket, read_output, run_args, s3_endpoint,
+    FINAL_FILES, LOOPBACK_ONLY, FakeIMDS, FaultProxy, JobProcess, bucket, read_output, run_args, s3_endpoint,
     subprocess_env, write_reads,
 )
 
@@ -138,6 +138,10 @@ _offset = float(os.environ["VIRNUCPRO_TEST_CLOCK_OFFSET"])
 _time, _monotonic = time.time, time.monotonic
 time.time = lambda: _time() + _offset
 time.monotonic = lambda: _monotonic() + _offset
+
+import runpy  # this module shadows the loopback guard's sitecustomize: run that too
+
+runpy.run_path(os.environ["VIRNUCPRO_TEST_GUARD"])
 """
 
 
@@ -155,6 +159,7 @@ def test_clocks_ten_leases_apart_change_nothing(
         env = subprocess_env()
         env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
         env["VIRNUCPRO_TEST_CLOCK_OFFSET"] = offset
+        env["VIRNUCPRO_TEST_GUARD"] = str(LOOPBACK_ONLY / "sitecustomize.py")
         jobs.append(JobProcess(args(demo_models, reads, output, "--workers", "1"), env))
     assert [job.wait() for job in jobs] == [0, 0], [job.log_text for job in jobs]
     assert_same_outputs(output, baseline)

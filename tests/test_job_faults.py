@@ -376,3 +376,22 @@ def test_a_rerun_waiting_for_a_lease_says_how_long(demo_models: Path, tmp_path: 
         for pid in lost:
             os.kill(pid, signal.SIGKILL)
     assert sum(state.lost for state in shard_states(str(out))) >= 1
+
+
+def test_no_test_process_can_connect_beyond_loopback() -> None:
+    """The guard is in place in pytest and in every process the tests start (checked without
+    connecting anywhere)."""
+    import socket
+
+    probe = (
+        "import socket; from pathlib import Path\n"
+        "assert socket.socket.connect.__name__ == '_guarded_connect'\n"
+        "print('guarded')\n"
+    )
+    assert run([sys.executable, "-c", probe]).stdout == "guarded\n"
+    assert socket.socket.connect.__name__ == "_guarded_connect"
+    guard = socket.socket.connect.__globals__["_check"]
+    with socket.socket() as sock:
+        with pytest.raises(ConnectionRefusedError, match="test guard"):
+            guard(sock, ("169.254.169.254", 80))
+        guard(sock, ("127.0.0.1", 80))  # loopback passes
