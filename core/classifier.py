@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import ModelLoadError
+from core.errors import ModelLoadError, UserError
 
 NUM_CLASSES = 2  # class 0 "others" (score1), class 1 "virus" (score2)
 KNOWN_CHUNK_LENGTHS = (300, 500)
@@ -36,11 +36,11 @@ _BN_EPS = 1e-5  # nn.BatchNorm1d's default, which the published model uses
 PathLike = str | os.PathLike[str]
 
 
-class ChunkLengthMismatch(ValueError):
+class ChunkLengthMismatch(UserError, ValueError):
     """The requested chunk length is not the one the classifier was trained with."""
 
 
-class ChunkLengthUnknown(ValueError):
+class ChunkLengthUnknown(UserError, ValueError):
     """Neither the classifier nor the command line says which chunk length to use."""
 
 
@@ -299,6 +299,8 @@ def load_classifier(path: PathLike, device: torch.device | str) -> Classifier:
     Raises ModelLoadError when the file is unsafe, damaged or not an MLPClassifier.
     """
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"classifier {path} does not exist; check the path (or the --classifier URI)")
     if path.endswith(".safetensors"):
         state, chunk_length = _read_safetensors(path)
     else:
@@ -346,7 +348,7 @@ def save_safetensors(
     """
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
-        raise ValueError(f"{path}: a safetensors classifier file must end in .safetensors")
+        raise UserError(f"{path}: a safetensors classifier file must end in .safetensors")
     if chunk_length <= 0:
         raise ValueError(f"chunk length must be positive, got {chunk_length}")
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state

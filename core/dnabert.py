@@ -335,6 +335,10 @@ class DNATokenizer:
             raise ModelLoadError(f"cannot read {path}: {error}") from None
         return cls(tokenizer)
 
+    def ids(self) -> list[int]:
+        """Every id the tokenizer can produce (its vocabulary and added tokens)."""
+        return list(self._tokenizer.get_vocab(with_added_tokens=True).values())
+
     def encode(self, sequence: str) -> list[int]:
         """Token ids of one sequence, [CLS] first and [SEP] last."""
         ids = self._tokenizer.encode(sequence).ids
@@ -547,7 +551,20 @@ def load_dnabert(source: str, device: torch.device,
     model = DNABERTModel(config)
     load_published_state_dict(model, _read_weights(directory))
     tokenizer = DNATokenizer.from_file(_require_file(directory / TOKENIZER_FILE))
+    check_vocabulary(tokenizer, config, directory)
     return DNABERTEncoder(model, tokenizer, device, batch_tokens, attention=attention, compile=compile)
+
+
+def check_vocabulary(tokenizer: DNATokenizer, config: DNABERTConfig, directory: Path) -> None:
+    """Refuse a tokenizer whose ids run past the model's embedding table: every batch would
+    fail (an index error on the CPU, a device assert on the GPU) instead of the load."""
+    largest = max(tokenizer.ids())
+    if largest >= config.vocab_size:
+        raise ModelLoadError(
+            f"{directory / TOKENIZER_FILE} has token ids up to {largest}, but the model's vocabulary "
+            f"({CONFIG_FILE} vocab_size) has {config.vocab_size} entries: the tokenizer is not this "
+            "model's; use the tokenizer.json saved with the weights"
+        )
 
 
 def resolve_model_dir(source: str) -> Path:

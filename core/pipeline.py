@@ -68,12 +68,7 @@ class Predictor:
         group_reads: int = 512,
         pipelined: bool | None = None,
     ) -> None:
-        if classifier.input_dim != dnabert.dim + esm.dim:
-            raise ModelLoadError(
-                f"the classifier expects {classifier.input_dim} features but DNABERT-S "
-                f"({dnabert.dim}) + ESM-2 ({esm.dim}) give {dnabert.dim + esm.dim}; "
-                "use the classifier trained for these encoders"
-            )
+        check_widths(classifier.input_dim, dnabert.dim, esm.dim)
         self.dnabert, self.esm, self.classifier = dnabert, esm, classifier
         self.chunk_length = chunk_length
         self.group_reads = group_reads
@@ -243,3 +238,36 @@ def load_predictor(
         scorer,
         length,
     )
+
+
+def check_widths(classifier_dim: int, dna_dim: int, protein_dim: int) -> None:
+    if classifier_dim != dna_dim + protein_dim:
+        raise ModelLoadError(
+            f"the classifier expects {classifier_dim} features but DNABERT-S "
+            f"({dna_dim}) + ESM-2 ({protein_dim}) give {dna_dim + protein_dim}; "
+            "use the classifier trained for these encoders"
+        )
+
+
+def check_models(
+    esm_model: str, dnabert_model: str, classifier: str, chunk_length: int | None, force_chunk_length: bool
+) -> tuple[int, int]:
+    """Load and cross-check the three models on the CPU before any work is planned, so that a
+    model that cannot work is refused before the run is tied to it: each loads, the DNABERT-S
+    tokenizer's ids fit its vocabulary, and the classifier's input width is DNA + protein
+    width. ESM-2's weights are checked by name and shape only, on the meta device (the 3B
+    checkpoint is memory-mapped, never copied). Returns (chunk length, feature width)."""
+    import warnings
+
+    from core.esm2 import _checkpoint_path, model_from_checkpoint, read_checkpoint
+
+    cpu = torch.device("cpu")
+    scorer = load_classifier(classifier, cpu)
+    length = check_chunk_length(scorer, chunk_length, force_chunk_length)
+    dna_dim = load_dnabert(dnabert_model, cpu, compile=False).dim
+    with warnings.catch_warnings():  # loading into meta tensors is a no-op, as intended here
+        warnings.simplefilter("ignore", UserWarning)
+        checkpoint = read_checkpoint(_checkpoint_path(esm_model))
+        protein_dim = model_from_checkpoint(checkpoint, esm_model, torch.device("meta")).embed_dim
+    check_widths(scorer.input_dim, dna_dim, protein_dim)
+    return length, scorer.input_dim

@@ -57,6 +57,8 @@ from typing import BinaryIO
 import numpy as np
 from isal import igzip, isal_zlib
 
+from core.errors import UserError
+
 BLOCK = 1 << 20  # bytes read at a time
 BOM = b"\xef\xbb\xbf"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -88,7 +90,7 @@ _MAGIC: tuple[tuple[bytes, str, str], ...] = (
 )
 
 
-class ReadsError(ValueError):
+class ReadsError(UserError, ValueError):
     """The input cannot be read as FASTA or FASTQ; the message names file, line and fix."""
 
     def __init__(self, name: str, line: int, problem: str, fix: str) -> None:

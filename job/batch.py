@@ -13,7 +13,11 @@ command does the same thing, so starting it again, or on N machines at once, is 
 3. merge, unless another process holds the merge, in which case wait for its marker.
 
 SIGTERM, SIGINT or a spot notice stop it: the workers get SIGTERM, commit what they have and
-release their shards; the command exits 75 (INTERRUPTED), and rerunning it resumes.
+release their shards; the command exits 75 (INTERRUPTED), and rerunning it resumes. A worker
+killed from outside (the OOM killer's SIGKILL) has its shard charged with an error (so a
+shard that kills every worker fails after --max-attempts instead of looping) and freed at
+once; the command then exits 75 unless the other workers finished the run. Every transient
+failure (a stop, a killed worker, a full local disk) exits 75 with a one-line reason.
 """
 from __future__ import annotations
 
@@ -29,42 +33,55 @@ from dataclasses import replace
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from core.pipeline import PUBLISHED_DNA_DIM, PUBLISHED_PROTEIN_DIM
+from core.errors import UserError
+from core.pipeline import PUBLISHED_DNA_DIM, PUBLISHED_PROTEIN_DIM, check_models
 from job import exit_codes
 from job.config import RunConfig
-from job.errors import BadInput, Interrupted
+from job.errors import BadInput, Interrupted, disk_error_code, disk_error_message
 from job.inputs import resolve_inputs
 from job.lease import ExpiryObserver, Renewer
 from job.lease import claim as take_claim
 from job.log import get_logger
 from job.merge import DEMO_WARNING, FAILED, MERGE_KEY, MergeClaim, MergeInputs, merge, read_marker
-from job.models import LocalModel, localize_model
+from job.models import localize_model
 from job.plan import PLANNER_KEY, Plan, Planner, load_plan, plan_header
+from job.shards import charge_dead_worker, reopen_failed
 from job.spot import SpotWatcher
 from job.status import run_status
 from job.store import Store, open_store
-from job.worker import WorkerSpec, command
+from job.worker import WorkerSpec, command, owner_prefix
 
 PROGRESS_SECONDS = 30.0
 KILL_MARGIN_SECONDS = 5.0  # on top of --grace-seconds before stragglers are killed
 
 
-def run_batch(config: RunConfig) -> int:
-    """Run (or resume, or report) the job; returns the process exit code."""
-    stop = threading.Event()
+def run_batch(config: RunConfig, stop: threading.Event | None = None) -> int:
+    """Run (or resume, or report) the job; returns the process exit code.
+
+    `stop` is the event the caller's SIGTERM/SIGINT handlers set, when it installed them
+    before importing this module (a stop during start-up then exits 75 too)."""
+    stop = stop or threading.Event()
     previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
     spot = SpotWatcher(config.imds_url, stop.set)
     spot.start()
     log = get_logger(output=config.output)
     try:
         return _BatchRun(config, stop).run()
-    except BadInput as exc:
+    except UserError as exc:  # bad input, model or arguments: BadInput, ModelLoadError, FastaError...
         log.error("bad_input", error=str(exc))
         print(f"virnucpro: error: {exc}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     except Interrupted as exc:
         log.warning("interrupted", reason=str(exc), message="rerun the same command to resume")
+        print(f"virnucpro: interrupted: {exc}; rerun the same command to resume", file=sys.stderr)
         return exit_codes.INTERRUPTED
+    except OSError as exc:
+        code = disk_error_code(exc)
+        if code is None:
+            raise
+        log.error("local_disk_error", error=disk_error_message(exc), exit_code=code)
+        print(f"virnucpro: error: {disk_error_message(exc)}", file=sys.stderr)
+        return code
     finally:
         spot.stop()
         for signum, handler in previous.items():
@@ -80,26 +97,44 @@ class _BatchRun:
 
     def run(self) -> int:
         _check_numbers(self.config)
+        if self.stop.is_set():
+            raise Interrupted("stopped during start-up")
         store = open_store(self.config.output, self.endpoint)
-        _check_writable(store, self.owner)
-        if (marker := read_marker(store)) is not None:
-            self.log.info("already_finished", marker=marker[0])
-            return _report(*marker)
+        if read_marker(store) is None or self.config.retry_failed:  # nothing is written after the marker
+            _check_writable(store, self.owner)
         inputs = resolve_inputs(self.config.inputs, self.endpoint)
         models = {
             name: localize_model(getattr(self.config, name), self.config.model_cache, self.endpoint)
             for name in ("esm_model", "dnabert_model", "classifier")
         }
-        chunk_length, feature_dim = _inspect_classifier(models["classifier"], self.config)
+        # Before the plan: a model that cannot work is refused before the run is tied to it.
+        chunk_length, feature_dim = check_models(
+            models["esm_model"].path, models["dnabert_model"].path, models["classifier"].path,
+            self.config.chunk_length, self.config.force_chunk_length,
+        )
+        if self.stop.is_set():
+            raise Interrupted("stopped during start-up")
         settings = {
             **{name: model.identity() for name, model in models.items()},
             "chunk_length": chunk_length,
             "write_features": self.config.write_features,
             "group_reads": self.config.group_reads,
         }
+        # A finished run too is checked against these inputs and models (refused with 65).
         header = plan_header(store, inputs, settings, self.config.shard_reads, self.endpoint)
+        if (marker := read_marker(store)) is not None:
+            if not (marker[0] == FAILED and self.config.retry_failed):
+                self.log.info("already_finished", marker=marker[0], run_id=header.run_id)
+                return _report(*marker)
+            finished = load_plan(store, header)  # a finished run's plan is complete
+            assert finished is not None and finished.complete
+            reopened = reopen_failed(store, range(len(finished.shards)))
+            store.delete([FAILED])
+            self.log.info("retrying_failed_shards", shards=reopened, run_id=header.run_id)
         self.log = self.log.bind(run_id=header.run_id)
-        self.log.info("run_planned", shard_reads=header.shard_reads, inputs=len(header.inputs), input_bytes=header.input_bytes)
+        self.log.info(
+            "run_planned", shard_reads=header.shard_reads, inputs=len(header.inputs), input_bytes=header.input_bytes
+        )
         demo_models = feature_dim != PUBLISHED_DNA_DIM + PUBLISHED_PROTEIN_DIM
         if demo_models:
             self.log.warning("demo_models", message=DEMO_WARNING)
@@ -116,13 +151,17 @@ class _BatchRun:
             plan = load_plan(store, header)
             assert plan is not None
             if not (plan.complete and _all_final(store, plan)):
-                codes = self._run_workers(store, plan, worker_config, planner)
+                codes, killed = self._run_workers(store, plan, worker_config, planner)
                 if self.stop.is_set():
                     raise Interrupted("stopped while the workers ran")
                 plan = self._complete_plan(store, plan, planner)
                 if not _all_final(store, plan):
+                    if killed:
+                        raise Interrupted(f"{killed[0]}; its shard was charged with an error")
                     if exit_codes.BAD_INPUT in codes:
-                        return exit_codes.BAD_INPUT  # the worker printed why
+                        return exit_codes.BAD_INPUT  # the worker printed the reason
+                    if exit_codes.INTERRUPTED in codes:
+                        raise Interrupted("a worker stopped (its one-line reason is above)")
                     self.log.error("workers_exited_early", exit_codes=codes, message="rerun the same command to resume")
                     return exit_codes.INTERNAL_ERROR
             plan = self._complete_plan(store, plan, planner)
@@ -152,7 +191,11 @@ class _BatchRun:
             if self.stop.wait(0.2):
                 raise Interrupted("stopped while planning")
 
-    def _run_workers(self, store: Store, plan: Plan, config: RunConfig, planner: _PlanThread) -> list[int]:
+    def _run_workers(
+        self, store: Store, plan: Plan, config: RunConfig, planner: _PlanThread,
+    ) -> tuple[list[int], list[str]]:
+        """Run the workers until they all exit: their exit codes, and how those that were
+        killed from outside died (their shards are charged, see job/shards.py)."""
         gpus = _visible_gpus(config)
         count = self.config.workers or max(len(gpus), 1)
         processes = []
@@ -165,7 +208,15 @@ class _BatchRun:
         self.log.info("workers_started", workers=count, gpus=len(gpus))
         deadline = None
         last_progress = time.monotonic()
-        while any(process.poll() is None for process in processes):
+        killed: list[str] = []
+        charged: set[int] = set()
+        while True:
+            for process in processes:
+                if process.poll() is not None and process.returncode < 0 and deadline is None and process.pid not in charged:
+                    charged.add(process.pid)
+                    killed.append(self._charge(store, plan, process))
+            if all(process.poll() is not None for process in processes):
+                break
             if self.stop.is_set() and deadline is None:
                 deadline = time.monotonic() + self.config.grace_seconds + KILL_MARGIN_SECONDS
                 self.log.warning("stopping_workers", grace_seconds=self.config.grace_seconds)
@@ -183,7 +234,20 @@ class _BatchRun:
                 if status is not None:
                     self.log.info("progress", **status.as_dict())
             time.sleep(0.2)
-        return [process.returncode for process in processes]
+        return [process.returncode for process in processes], killed
+
+    def _charge(self, store: Store, plan: Plan, process: subprocess.Popen) -> str:
+        """A worker died of a signal this process did not send (the OOM killer, a user's kill):
+        charge its shard with an error and free it, so that the other workers, or a rerun,
+        retry it and a shard that kills every worker fails after --max-attempts."""
+        name = signal.Signals(-process.returncode).name
+        error = f"the worker was killed by {name} (out of memory?) while working on this shard"
+        published = load_plan(store, plan) or plan  # shards published since the workers started
+        shards = charge_dead_worker(
+            store, range(len(published.shards)), owner_prefix(process.pid), error, self.config.max_attempts
+        )
+        self.log.error("worker_killed", pid=process.pid, signal=name, shards=shards, message=error)
+        return f"a worker was killed by {name} (out of memory?)"
 
     def _finish(self, store: Store, plan: Plan, merge_inputs: MergeInputs) -> tuple[str, dict]:
         """Merge, or wait while another process merges (and take over if it dies)."""
@@ -248,14 +312,6 @@ class _PlanThread(threading.Thread):
         self.join(timeout=30)
 
 
-def _inspect_classifier(model: LocalModel, config: RunConfig) -> tuple[int, int]:
-    """The chunk length the run uses and the feature width, checked before any work starts."""
-    from core.classifier import check_chunk_length, load_classifier
-
-    classifier = load_classifier(model.path, "cpu")
-    return check_chunk_length(classifier, config.chunk_length, config.force_chunk_length), classifier.input_dim
-
-
 def _check_numbers(config: RunConfig) -> None:
     for flag, value, least in (
         ("--shard-reads", 1 if config.shard_reads is None else config.shard_reads, 1), ("--group-reads", config.group_reads, 1),
@@ -307,4 +363,8 @@ def _signal_all(processes: list[subprocess.Popen], signum: int) -> None:
 def _report(marker: str, summary: dict) -> int:
     """Print the run's summary on stdout; the exit code says whether every shard succeeded."""
     print(json.dumps(summary, indent=2, sort_keys=True))
-    return exit_codes.SHARDS_FAILED if marker == FAILED else exit_codes.OK
+    if marker != FAILED:
+        return exit_codes.OK
+    print("virnucpro: the run finished with failed shards (_FAILED lists their errors); fix their "
+          "cause and rerun the same command with --retry-failed to run them again", file=sys.stderr)
+    return exit_codes.SHARDS_FAILED

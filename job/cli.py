@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from core.errors import ModelLoadError
-from core.reads import ReadsError
+from core.errors import UserError
 from job import exit_codes
 from job.config import RunConfig
 from job.log import configure, get_logger
@@ -24,10 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure()
     try:
         return args.handler(args)
-    except (ReadsError, ModelLoadError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-        print(f"virnucpro: error: {exc}", file=sys.stderr)
-        return exit_codes.BAD_INPUT
-    except ValueError as exc:  # bad arguments found past argparse (chunk length, classifier format)
+    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         print(f"virnucpro: error: {exc}", file=sys.stderr)
         return exit_codes.BAD_INPUT
 
@@ -72,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--checkpoint-seconds", type=float, default=RunConfig.checkpoint_seconds, help="commit results at least this often (default: %(default)s)")
     batch.add_argument("--grace-seconds", type=float, default=RunConfig.grace_seconds, help="time to stop after SIGTERM (default: %(default)s)")
     batch.add_argument("--lease-seconds", type=float, default=RunConfig.lease_seconds, help="a shard's lease lasts this long unless renewed (default: %(default)s)")
-    batch.add_argument("--max-attempts", type=int, default=RunConfig.max_attempts, help="failed attempts before a shard is given up (default: %(default)s)")
+    batch.add_argument("--max-attempts", type=int, default=RunConfig.max_attempts, help="failed attempts (errors; interruptions do not count) before a shard is given up (default: %(default)s)")
+    batch.add_argument("--retry-failed", action="store_true", help="a run that ended _FAILED: run its failed shards again, keeping all committed work")
     batch.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     batch.add_argument("--model-cache", default=RunConfig.model_cache, help="where s3:// models are downloaded (default: %(default)s)")
     batch.add_argument("--imds-url", default=RunConfig.imds_url, help="EC2 metadata service polled for spot notices (default: %(default)s)")
@@ -98,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cuda", help="device to measure (default: cuda)")
     bench.add_argument("--json", help="write the full results here")
     bench.add_argument("--quick", action="store_true", help="tiny models on the CPU (CI): exercises the command, measures nothing useful")
-    bench.set_defaults(handler=_bench)
+    bench.set_defaults(handler=_bench, parser=bench)
     return parser
 
 
@@ -130,6 +129,10 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # First, before torch is imported (seconds): a stop during start-up exits 75 as well.
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     from job.batch import run_batch
 
     slot, slots = _slot(args, os.environ)
@@ -154,11 +157,12 @@ def _run(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_seconds,
         lease_seconds=args.lease_seconds,
         max_attempts=args.max_attempts,
+        retry_failed=args.retry_failed,
         s3_endpoint_url=args.s3_endpoint_url,
         model_cache=args.model_cache,
         imds_url=args.imds_url,
     )
-    return run_batch(config)
+    return run_batch(config, stop)
 
 
 def _slot(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[int | None, int | None]:
@@ -222,7 +226,12 @@ def _convert_classifier(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+
     from core.bench import run_bench
+
+    if not args.quick and args.device.startswith("cuda") and not torch.cuda.is_available():
+        args.parser.error(f"--device {args.device} but no CUDA GPU is visible; use --quick on a CPU")
 
     data = run_bench(args.device, args.json, args.quick)
     return exit_codes.OK if not data["errors"] else exit_codes.INTERNAL_ERROR

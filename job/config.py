@@ -35,7 +35,8 @@ class RunConfig:
     checkpoint_seconds: float = 30.0
     grace_seconds: float = 25.0
     lease_seconds: float = 120.0
-    max_attempts: int = 3
+    max_attempts: int = 3  # failed attempts (errors, not interruptions) before a shard is given up
+    retry_failed: bool = False  # a run that ended _FAILED: run its failed shards again
     s3_endpoint_url: str | None = None
     model_cache: str = field(default="~/.cache/virnucpro/models")
     imds_url: str = "http://169.254.169.254"

@@ -3,6 +3,6 @@
 OK = 0  # finished (also: the run was already finished)
 INTERNAL_ERROR = 1  # a bug or an unexpected failure; the message says what
 USAGE = 2  # bad command line (argparse)
-SHARDS_FAILED = 3  # run completed but some shards failed repeatedly; see _FAILED
-BAD_INPUT = 65  # EX_DATAERR: malformed/missing/changed input, mismatched models or arguments
-INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT or a spot notice; safe to retry
+SHARDS_FAILED = 3  # run completed but some shards failed repeatedly; see _FAILED, rerun with --retry-failed
+BAD_INPUT = 65  # EX_DATAERR: a core.errors.UserError (input, models, arguments) or a read-only local disk
+INTERRUPTED = 75  # EX_TEMPFAIL: a signal, a spot notice, a worker killed from outside, a full disk; safe to retry

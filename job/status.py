@@ -3,7 +3,9 @@
 Used by `virnucpro status` and by the running job's periodic progress line. It only reads
 the plan and the shard records, so it can be run from anywhere, at any time. While the plan
 is still being made, the shards and reads are those published so far, and the run's reads
-are estimated from the share of input bytes scanned.
+are estimated from the share of input bytes scanned. "Leased" and
+reads/s compare the holders' wall times with this machine's clock: for display only (the
+job itself never compares clocks, see job/lease.py).
 """
 from __future__ import annotations
 

@@ -149,7 +149,7 @@ class LocalStore:
         path = self.root / key
         try:
             data = path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # no such object
             return None
         etag = _etag(data)
         while True:  # the file may lag behind the versions `replace` linked after it

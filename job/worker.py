@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import TYPE_CHECKING
 
+from core.errors import without_unsafe_advice
 from job import exit_codes
 from job.config import RunConfig
 from job.errors import BadInput, disk_error_code, disk_error_message, user_error_code
@@ -218,7 +219,7 @@ class Worker:
             if disk_error_code(exc) is not None:  # this machine's fault, not the shard's
                 _release_quietly(lease)
                 raise
-            error = f"{type(exc).__name__}: {_without_torch_advice(str(exc))}"
+            error = f"{type(exc).__name__}: {without_unsafe_advice(str(exc))}"
             log.error("shard_error", error=error, traceback=traceback.format_exc())
             if lease.fail(error, self.config.max_attempts) and lease.state.failed:
                 log.error("shard_failed", attempts=len(lease.state.errors))
@@ -323,13 +324,6 @@ def _release_quietly(lease: ShardLease) -> None:
         get_logger().warning("lease_release_failed", shard=lease.state.index, error=f"{type(exc).__name__}: {exc}")
 
 
-def _without_torch_advice(message: str) -> str:
-    """torch's unpickling errors advise re-running with `weights_only=False`, which would run
-    any code a model file carries: that advice is never passed on."""
-    kept = [line for line in message.splitlines() if "weights_only" not in line and "WeightsUnpickler" not in line]
-    return " ".join(line.strip() for line in kept if line.strip()) or "the file could not be unpickled safely"
-
-
 def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
     """Stop when the parent dies (it was killed): a worker never outlives its job."""
     while not stop.wait(1.0):
@@ -365,7 +359,7 @@ def main(argv: list[str]) -> int:
         code = disk_error_code(exc) or user_error_code(exc)
         if code is None:
             raise
-        message = disk_error_message(exc) if disk_error_code(exc) else _without_torch_advice(str(exc))  # type: ignore[arg-type]
+        message = disk_error_message(exc) if disk_error_code(exc) else without_unsafe_advice(str(exc))  # type: ignore[arg-type]
         get_logger().error("worker_error", error=message, exit_code=code)
         print(f"virnucpro: error: {message}", file=sys.stderr, flush=True)
         return code

@@ -1,11 +1,13 @@
 """Shared fixtures: the published tool's reference files and tiny demo models."""
 from __future__ import annotations
 
+import runpy
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+runpy.run_path(str(Path(__file__).resolve().parent / "loopback_only" / "sitecustomize.py"))  # pytest too
 REFERENCE = REPO.parent / "shared" / "reference" / "original"
 
 

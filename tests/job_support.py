@@ -230,8 +230,11 @@ def virnucpro(*args: str) -> list[str]:
     return [sys.executable, "-m", "job.cli", *args]
 
 
+LOOPBACK_ONLY = Path(__file__).resolve().parent / "loopback_only"  # its sitecustomize guards sockets
+
+
 def subprocess_env(endpoint: str | None = None) -> dict[str, str]:
-    env = dict(os.environ, **AWS_ENV, PYTHONPATH=str(REPO))
+    env = dict(os.environ, **AWS_ENV, PYTHONPATH=os.pathsep.join([str(LOOPBACK_ONLY), str(REPO)]))
     if endpoint:
         env["AWS_ENDPOINT_URL"] = endpoint
     return env

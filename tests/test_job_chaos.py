@@ -1,6 +1,9 @@
 """The batch job under fire: kills at random moments, a zombie worker, racing starters,
-S3 faults and a spot notice. Every run ends with outputs byte-identical to an
-uninterrupted run, and every input read exactly once in reads.tsv."""
+clocks 10 leases apart, S3 faults and a spot notice. Every run ends with outputs
+byte-identical to an uninterrupted run, and every input read exactly once in reads.tsv.
+
+Shards of 25 reads are committed group by group (6 reads, --checkpoint-seconds 0), so a
+kill often lands inside a shard and its resume restarts it mid-way."""
 from __future__ import annotations
 
 import json
@@ -17,7 +20,7 @@ from job.plan import load_plan
 from job.shards import read_shard
 from job.store import open_store
 from job_support import (  # noqa: F401 (fixtures)
-    FINAL_FILES, FakeIMDS, FaultProxy, JobProcess, bucket, read_output, run_args, s3_endpoint,
+    FINAL_FILES, LOOPBACK_ONLY, FakeIMDS, FaultProxy, JobProcess, bucket, read_output, run_args, s3_endpoint,
     subprocess_env, write_reads,
 )
 
@@ -47,7 +50,16 @@ def baseline(demo_models: Path, reads: tuple[Path, list[str]], s3_endpoint: str)
 
 
 def args(models: Path, reads: tuple[Path, list[str]], output: str, *extra: str) -> list[str]:
-    return run_args(models, [str(reads[0])], output, "--shard-reads", "25", *extra)
+    return run_args(models, [str(reads[0])], output, "--shard-reads", "25", "--checkpoint-seconds", "0", *extra)
+
+
+RESUMED_MID_SHARD: list[int] = []  # per kill trial: shards whose parts two attempts committed
+
+
+def resumed_mid_shard(output: str) -> int:
+    store = open_store(output)
+    states = [read_shard(store, shard.index)[0] for shard in load_plan(store).shards]
+    return sum(len({part.rows.rsplit("-a", 1)[1].split("-")[0] for part in state.parts}) > 1 for state in states)
 
 
 def assert_same_outputs(output: str, baseline: dict[str, bytes]) -> None:
@@ -108,7 +120,54 @@ def test_killed_at_a_random_moment_then_rerun(
     if code != 0:
         finish(demo_models, reads, output)
     assert_same_outputs(output, baseline)
+    RESUMED_MID_SHARD.append(resumed_mid_shard(output))
 
+
+def test_kills_landed_inside_shards() -> None:
+    """The trials above exercised resumes from the middle of a shard, not only whole shards."""
+    if len(RESUMED_MID_SHARD) < 20:
+        pytest.skip("runs after the 20 kill trials")
+    assert sum(count > 0 for count in RESUMED_MID_SHARD) >= 3, RESUMED_MID_SHARD
+
+
+SKEWED_CLOCKS = """
+import os
+import time
+
+_offset = float(os.environ["VIRNUCPRO_TEST_CLOCK_OFFSET"])
+_time, _monotonic = time.time, time.monotonic
+time.time = lambda: _time() + _offset
+time.monotonic = lambda: _monotonic() + _offset
+
+import runpy  # this module shadows the loopback guard's sitecustomize: run that too
+
+runpy.run_path(os.environ["VIRNUCPRO_TEST_GUARD"])
+"""
+
+
+def test_clocks_ten_leases_apart_change_nothing(
+    demo_models: Path, reads: tuple[Path, list[str]], baseline: dict[str, bytes], bucket: str, tmp_path: Path,  # noqa: F811
+) -> None:
+    """Two machines whose clocks are 30 s apart each way (10x the 3 s lease), wall and
+    monotonic, share one run: no lease is taken from a live holder, nothing fails, and the
+    outputs are those of an uninterrupted run. (The time source is replaced in every process
+    by a sitecustomize module, the system clock is untouched.)"""
+    (tmp_path / "sitecustomize.py").write_text(SKEWED_CLOCKS)
+    output = f"s3://{bucket}/skew"
+    jobs = []
+    for offset in ("30", "-30"):
+        env = subprocess_env()
+        env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
+        env["VIRNUCPRO_TEST_CLOCK_OFFSET"] = offset
+        env["VIRNUCPRO_TEST_GUARD"] = str(LOOPBACK_ONLY / "sitecustomize.py")
+        jobs.append(JobProcess(args(demo_models, reads, output, "--workers", "1"), env))
+    assert [job.wait() for job in jobs] == [0, 0], [job.log_text for job in jobs]
+    assert_same_outputs(output, baseline)
+    store = open_store(output)
+    states = [read_shard(store, shard.index)[0] for shard in load_plan(store).shards]
+    assert all(state.done and state.lost == 0 and state.errors == () for state in states), states
+    workers = {e["worker"] for job in jobs for e in job.events if e["event"] == "shard_done"}
+    assert len(workers) == 2  # both machines worked
 
 def test_zombie_worker_cannot_commit(
     demo_models: Path, reads: tuple[Path, list[str]], baseline: dict[str, bytes], bucket: str,  # noqa: F811
@@ -190,7 +249,7 @@ def test_spot_notice_stops_the_run_which_then_resumes(
     assert "spot_interruption_notice" in events and "shard_released" in events, job.log_text
     store = open_store(f"s3://{bucket}/spot")
     states = [read_shard(store, shard.index)[0] for shard in load_plan(store).shards]
-    assert not any(state.leased(time.time()) for state in states), "a stopped worker kept its lease"
+    assert not any(state.owner for state in states), "a stopped worker kept its lease"
     assert not any(state.done for state in states) or sum(s.reads_done for s in states) < 1500
     resumed = JobProcess(command, subprocess_env())
     assert resumed.wait() == 0, resumed.log_text

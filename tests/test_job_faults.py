@@ -1,0 +1,397 @@
+"""Fault cases of issue 12: refusals before work, stops on time, kills, full disks, leftovers.
+
+Each test fails when its defect returns. Subprocess runs use demo models on the CPU and a
+local --output unless S3 matters; nothing goes beyond 127.0.0.1.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.errors import ModelLoadError, without_unsafe_advice
+from job import exit_codes
+from job.errors import disk_error_code
+from job.lease import ExpiryObserver
+from job.merge import SUCCESS, MergeClaim, MergeInputs, merge
+from job.plan import load_plan, shard_records
+from job.shards import claim, read_shard
+from job.store import LocalStore
+from job_support import FINAL_FILES, REPO, JobProcess, run_args, subprocess_env, virnucpro, write_reads
+from test_job_lease import FakeClock
+from test_job_worker import DIM, FakePredictor, make_run, work
+
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], timeout: float = 240, **kwargs: object) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, env=subprocess_env(), timeout=timeout, **kwargs)
+
+
+def one_line_error(stderr: str) -> str:
+    """The `virnucpro: error:` line, checked to be the only non-JSON output (no traceback)."""
+    plain = [line for line in stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert len(plain) == 1 and plain[0].startswith("virnucpro: error: "), stderr
+    assert "Traceback" not in stderr
+    return plain[0]
+
+
+def shard_states(output: str) -> list:
+    store = LocalStore(output)
+    return [read_shard(store, shard.index)[0] for shard in load_plan(store).shards]
+
+
+def no_temporary_files(output: Path) -> None:
+    leftovers = [str(p) for p in output.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert not list(output.glob("_run/parts/**/*.json")), "parts left behind after _SUCCESS"
+
+
+# --- item 5, 9, 11: models refused before the plan, in one line --------------------------------
+
+
+def bad_tokenizer_model(demo_models: Path, target: Path) -> Path:
+    """The demo DNABERT-S with a tokenizer whose id for 'A' lies past the model's vocabulary."""
+    shutil.copytree(demo_models / "dnabert_demo", target)
+    tokenizer = json.loads((target / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["A"] = 300  # the config's vocab_size is 256
+    (target / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return target
+
+
+def test_a_model_that_cannot_work_is_refused_before_the_plan(demo_models: Path, tmp_path: Path) -> None:
+    write_reads(tmp_path / "in.fa", 20, seed=1)
+    out = tmp_path / "out"
+    bad = bad_tokenizer_model(demo_models, tmp_path / "dnabert_bad")
+    args = run_args(demo_models, [str(tmp_path / "in.fa")], str(out), "--workers", "1")
+    refused = run([*args, "--dnabert-model", str(bad)])
+    assert refused.returncode == 65, refused.stderr
+    line = one_line_error(refused.stderr)
+    assert "token ids up to 300" in line and "vocab_size" in line and "tokenizer.json" in line
+    assert not (out / "_run" / "plan.json").exists(), "the run was tied to the bad model"
+    fixed = run(args)  # the corrected model is not refused
+    assert fixed.returncode == 0, fixed.stderr
+
+
+def test_a_classifier_of_the_wrong_width_is_refused_before_the_plan(demo_models: Path, tmp_path: Path) -> None:
+    from core.classifier import write_demo_classifier
+
+    write_reads(tmp_path / "in.fa", 5, seed=1)
+    write_demo_classifier(tmp_path / "c_500.pth", tmp_path / "c_500.safetensors", input_dim=100, hidden_dim=8, chunk_length=500)
+    out = tmp_path / "out"
+    refused = run([*run_args(demo_models, [str(tmp_path / "in.fa")], str(out)), "--classifier", str(tmp_path / "c_500.pth")])
+    assert refused.returncode == 65 and "expects 100 features" in one_line_error(refused.stderr)
+    assert not (out / "_run" / "plan.json").exists()
+
+
+def test_missing_model_files_say_they_do_not_exist(demo_models: Path, tmp_path: Path) -> None:
+    write_reads(tmp_path / "in.fa", 5, seed=1)
+    base = run_args(demo_models, [str(tmp_path / "in.fa")], str(tmp_path / "out"))
+    missing = tmp_path / "nowhere" / "model_500.pth"
+    no_classifier = run([*base, "--classifier", str(missing)])
+    assert no_classifier.returncode == 65
+    assert one_line_error(no_classifier.stderr) == f"virnucpro: error: classifier {missing} does not exist; check the path (or the --classifier URI)"
+    no_esm = run([*base, "--esm-model", str(tmp_path / "esm.pt")])
+    assert no_esm.returncode == 65 and "no such file" in one_line_error(no_esm.stderr)
+
+
+def test_torch_advice_to_load_unsafely_is_never_passed_on(demo_models: Path, tmp_path: Path) -> None:
+    from core.dnabert import load_dnabert
+
+    model = tmp_path / "dnabert"
+    shutil.copytree(demo_models / "dnabert_demo", model)
+    torch.save({"embeddings.word_embeddings.weight": Fraction(1, 3)}, model / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError) as refused:
+        load_dnabert(str(model), torch.device("cpu"))
+    message = str(refused.value)
+    assert "fractions.Fraction" in message and "refused" in message
+    assert "weights_only" not in message and "safe_globals" not in message and "trust" not in message
+    assert without_unsafe_advice("plain message") == "plain message"
+    refused_run = run(run_args(demo_models, [str(tmp_path / "x.fa")], str(tmp_path / "out"), "--dnabert-model", str(model)))
+    assert refused_run.returncode == 65 and "weights_only" not in refused_run.stderr
+
+
+def test_a_finished_run_refuses_other_inputs_and_models(demo_models: Path, tmp_path: Path) -> None:
+    write_reads(tmp_path / "in.fa", 12, seed=2)
+    out = str(tmp_path / "out")
+    args = run_args(demo_models, [str(tmp_path / "in.fa")], out, "--workers", "1")
+    assert run(args).returncode == 0
+    write_reads(tmp_path / "other.fa", 12, seed=3)
+    other = run(run_args(demo_models, [str(tmp_path / "other.fa")], out, "--workers", "1"))
+    assert other.returncode == 65 and "is missing now" in one_line_error(other.stderr)
+    bad = bad_tokenizer_model(demo_models, tmp_path / "dnabert_bad")
+    other_model = run([*args, "--dnabert-model", str(bad)])
+    assert other_model.returncode == 65, other_model.stderr
+    before = {str(p): p.stat().st_mtime_ns for p in Path(out).rglob("*")}
+    again = run(args)
+    assert again.returncode == 0 and json.loads(again.stdout)["reads"] == 12
+    assert {str(p): p.stat().st_mtime_ns for p in Path(out).rglob("*")} == before  # nothing written after the marker
+
+
+def test_bench_without_a_gpu_is_a_usage_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    done = run(virnucpro("bench"))
+    assert done.returncode == exit_codes.USAGE and "no CUDA GPU is visible" in done.stderr
+
+
+# --- item 6: nothing imported from the start directory ----------------------------------------
+
+
+def test_workers_import_nothing_from_the_start_directory(demo_models: Path, tmp_path: Path) -> None:
+    start = tmp_path / "start"
+    start.mkdir()
+    marker = tmp_path / "planted-module-ran"
+    (start / "concurrent.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    write_reads(tmp_path / "in.fa", 12, seed=4)
+    args = run_args(demo_models, [str(tmp_path / "in.fa")], str(tmp_path / "out"), "--workers", "1")
+    args[1:1] = ["-P"]  # the parent as the `virnucpro` script runs it: without the start directory
+    done = run(args, cwd=start)
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists(), "a worker imported concurrent.py from the directory the job started in"
+
+
+# --- items 7 and 10: stops, kills, parents gone -----------------------------------------------
+
+
+def long_group_job(demo_models: Path, tmp_path: Path, *extra: str) -> tuple[list[str], Path]:
+    """One worker, one shard scored as one group that takes many seconds on the CPU."""
+    write_reads(tmp_path / "many.fa", 1200, seed=6)
+    out = tmp_path / "out"
+    args = run_args(
+        demo_models, [str(tmp_path / "many.fa")], str(out), "--workers", "1", "--shard-reads", "1200",
+        "--group-reads", "1200", "--grace-seconds", "2", "--lease-seconds", "60", *extra,
+    )
+    return args, out
+
+
+def test_a_stop_mid_group_releases_the_lease_within_the_grace_period(demo_models: Path, tmp_path: Path) -> None:
+    args, out = long_group_job(demo_models, tmp_path)
+    job = JobProcess(args, subprocess_env())
+    assert job.wait_for("shard_claimed") is not None, job.log_text
+    time.sleep(1)
+    stopped = time.monotonic()
+    job.process.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == 75, job.log_text
+    assert time.monotonic() - stopped < 2 + 3, "the worker did not stop within the grace period"
+    events = [e["event"] for e in job.events]
+    assert "killing_workers" not in events and "shard_released" in events, job.log_text
+    state = shard_states(str(out))[0]
+    assert state.owner is None and state.errors == () and state.lost == 0  # free, and not a failure
+    resumed = run([*args, "--max-attempts", "1"])  # the stop did not use up an attempt
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_workers_stop_within_the_grace_period_when_their_parent_dies(demo_models: Path, tmp_path: Path) -> None:
+    args, out = long_group_job(demo_models, tmp_path)
+    job = JobProcess(args, subprocess_env())
+    assert job.wait_for("shard_claimed") is not None, job.log_text
+    workers = job.worker_pids()
+    assert workers
+    job.process.kill()
+    killed = time.monotonic()
+    job.wait(timeout=30)
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() - killed < 1 + 2 + 3, "a worker outlived its parent past the grace period"
+        time.sleep(0.1)
+    assert shard_states(str(out))[0].owner is None  # it gave its lease back
+
+
+def test_a_stop_during_start_up_exits_75(demo_models: Path, tmp_path: Path) -> None:
+    write_reads(tmp_path / "in.fa", 5, seed=1)
+    job = subprocess.Popen(run_args(demo_models, [str(tmp_path / "in.fa")], str(tmp_path / "out")),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    time.sleep(1.0)  # the interpreter is up; torch is being imported
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 75, stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_worker_killed_from_outside_is_charged_and_retry_failed_finishes_the_run(
+    demo_models: Path, tmp_path: Path,
+) -> None:
+    write_reads(tmp_path / "in.fa", 60, seed=7)
+    clean = tmp_path / "clean"
+    base = run_args(demo_models, [str(tmp_path / "in.fa")], str(clean), "--workers", "1", "--checkpoint-seconds", "0")
+    assert run(base).returncode == 0
+    out = tmp_path / "out"
+    args = run_args(demo_models, [str(tmp_path / "in.fa")], str(out), "--workers", "1",
+                    "--checkpoint-seconds", "0", "--max-attempts", "1")
+    job = JobProcess(args, subprocess_env())
+    committed = job.wait_for("part_committed")
+    assert committed is not None and committed["committed"] < committed["shard_reads"], job.log_text
+    os.kill(job.worker_pids()[0], signal.SIGKILL)  # as the OOM killer does
+    assert job.wait() == 75, job.log_text  # transient for Batch: retried
+    assert any(e["event"] == "worker_killed" for e in job.events)
+    state = shard_states(str(out))[committed["shard"]]
+    assert state.failed and state.owner is None and "killed by SIGKILL" in state.errors[0]
+    assert state.reads_done == committed["committed"]  # its committed parts are kept
+    failed = run(args)
+    assert failed.returncode == 3 and "--retry-failed" in failed.stderr
+    assert (out / "_FAILED").exists()
+    retried = run([*args, "--retry-failed"])
+    assert retried.returncode == 0, retried.stderr
+    assert not (out / "_FAILED").exists() and (out / "_SUCCESS").exists()
+    for name in FINAL_FILES:
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+    summary = json.loads((out / "_SUCCESS").read_text())
+    assert summary["failed_shards"] == [] and summary["reads"] == 60
+    again = run(args)  # finished now: reported, nothing rerun
+    assert again.returncode == 0 and json.loads(again.stdout) == summary
+    no_temporary_files(out)
+
+
+# --- items 7 and 8: full and read-only disks ---------------------------------------------------
+
+
+def test_disk_errors_map_to_75_or_65() -> None:
+    assert disk_error_code(OSError(errno.ENOSPC, "full")) == 75
+    assert disk_error_code(OSError(errno.EDQUOT, "quota")) == 75
+    assert disk_error_code(OSError(errno.EROFS, "read-only")) == 65
+    assert disk_error_code(OSError(errno.ECONNRESET, "reset")) is None
+    assert disk_error_code(ValueError("x")) is None
+
+
+FULL_DISK_AT_MERGE = """
+import errno, sys
+from job.cli import main
+from job.store import LocalStore
+
+def full(self, key, path):
+    raise OSError(errno.ENOSPC, "No space left on device", str(self.root / key))
+
+LocalStore.upload = full
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_at_the_merge_exits_75_in_one_line_and_leaves_nothing_behind(demo_models: Path, tmp_path: Path) -> None:
+    write_reads(tmp_path / "in.fa", 30, seed=8)
+    out = tmp_path / "out"
+    args = run_args(demo_models, [str(tmp_path / "in.fa")], str(out), "--workers", "1")
+    full = run([sys.executable, "-c", FULL_DISK_AT_MERGE, *args[3:]])
+    assert full.returncode == 75, full.stderr
+    assert "no space left on the local disk writing" in one_line_error(full.stderr)
+    assert not (out / "_SUCCESS").exists()
+    done = run(args)
+    assert done.returncode == 0, done.stderr
+    no_temporary_files(out)
+
+
+def test_a_full_disk_in_a_worker_is_not_charged_to_the_shard(tmp_path: Path) -> None:
+    run_config, store = make_run(tmp_path, 20, shard_reads=10, group_reads=2, checkpoint_seconds=0.0)
+
+    class FullDisk(LocalStore):
+        def put(self, key: str, data: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+
+    with pytest.raises(OSError) as full:
+        work(run_config, FullDisk(store.uri), FakePredictor(2))
+    assert disk_error_code(full.value) == 75
+    state, _ = read_shard(store, 0)
+    assert state.owner is None and state.errors == () and not state.failed
+
+
+# --- item 8: no leftovers, no rewritten marker -------------------------------------------------
+
+
+def test_a_zombie_resuming_after_the_merge_writes_nothing(tmp_path: Path) -> None:
+    from job.plan import load_plan as plan_of
+    from job.worker import Worker, WorkerSpec
+
+    run_config, store = make_run(tmp_path, 9, shard_reads=10, group_reads=5, checkpoint_seconds=0.0)
+    zombie = Worker(WorkerSpec(run_config, 0, 1, 0), store, plan_of(store), FakePredictor(5), "cpu", threading.Event())
+    lease = claim(store, 0, zombie.owner, 1.0, "cpu", ExpiryObserver())
+    plan = plan_of(store)
+    results = list(FakePredictor(5).predict(shard_records(plan, plan.shards[0], None)))
+    clock = FakeClock(0.0)  # the zombie is stopped; another worker sees its lease run out
+    heir_observer = ExpiryObserver(clock)
+    assert claim(store, 0, "heir", 60.0, "cpu", heir_observer) is None
+    clock.advance(1.0)
+    heir = claim(store, 0, "heir", 60.0, "cpu", heir_observer)
+    assert heir is not None and heir.release()
+    assert work(run_config, store, FakePredictor(5)) == 0
+    finish = MergeClaim(store, "merger", 30.0)
+    assert finish.acquire()
+    assert merge(store, plan_of(store), MergeInputs(False, DIM, True, None, 30.0), finish, threading.Event())[0] == SUCCESS
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    log = zombie.log
+    assert zombie._commit(lease, results[:5], 0.1, 10, log) is False  # it resumes: refused
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "the zombie left something behind"
+
+
+def test_a_stale_merger_cannot_rewrite_a_finished_run(tmp_path: Path) -> None:
+    run_config, store = make_run(tmp_path, 9, shard_reads=5, group_reads=5, checkpoint_seconds=0.0)
+    assert work(run_config, store, FakePredictor(5)) == 0
+    plan = load_plan(store)
+    inputs = MergeInputs(False, DIM, True, None, 1.0)
+    stale = MergeClaim(store, "stale", 1.0)
+    assert stale.acquire()  # then it is stopped for longer than its lease
+    clock = FakeClock(0.0)
+    heir = MergeClaim(store, "heir", 30.0, ExpiryObserver(clock))
+    assert not heir.acquire()
+    clock.advance(1.0)
+    assert heir.acquire()
+    assert merge(store, plan, inputs, heir, threading.Event())[0] == SUCCESS
+    out = Path(run_config.output)
+    written = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+    time.sleep(0.01)
+    marker, _ = merge(store, plan, inputs, stale, threading.Event())  # it resumes
+    assert marker == SUCCESS
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()} == written
+    assert store.create(SUCCESS, b"{}") is None  # the marker is created once, never replaced
+
+
+def test_a_rerun_waiting_for_a_lease_says_how_long(demo_models: Path, tmp_path: Path) -> None:
+    """A rerun right after a machine was lost finds its lease held: it says so with the time left."""
+    write_reads(tmp_path / "in.fa", 30, seed=9)
+    out = tmp_path / "out"
+    args = run_args(demo_models, [str(tmp_path / "in.fa")], str(out), "--workers", "1", "--lease-seconds", "6",
+                    "--checkpoint-seconds", "0")
+    first = JobProcess(args, subprocess_env())
+    assert first.wait_for("part_committed") is not None, first.log_text
+    lost = first.worker_pids()
+    for pid in lost:
+        os.kill(pid, signal.SIGSTOP)  # the machine is lost: nothing is released
+    first.process.kill()
+    first.wait(timeout=30)
+    try:
+        rerun = JobProcess(args, subprocess_env())
+        waiting = rerun.wait_for("waiting_for_lease", timeout=120)
+        assert waiting is not None and 0 < waiting["seconds_left"] <= 6, rerun.log_text
+        assert rerun.wait() == 0, rerun.log_text
+    finally:
+        for pid in lost:
+            os.kill(pid, signal.SIGKILL)
+    assert sum(state.lost for state in shard_states(str(out))) >= 1
+
+
+def test_no_test_process_can_connect_beyond_loopback() -> None:
+    """The guard is in place in pytest and in every process the tests start (checked without
+    connecting anywhere)."""
+    import socket
+
+    probe = (
+        "import socket; from pathlib import Path\n"
+        "assert socket.socket.connect.__name__ == '_guarded_connect'\n"
+        "print('guarded')\n"
+    )
+    assert run([sys.executable, "-c", probe]).stdout == "guarded\n"
+    assert socket.socket.connect.__name__ == "_guarded_connect"
+    guard = socket.socket.connect.__globals__["_check"]
+    with socket.socket() as sock:
+        with pytest.raises(ConnectionRefusedError, match="test guard"):
+            guard(sock, ("169.254.169.254", 80))
+        guard(sock, ("127.0.0.1", 80))  # loopback passes
