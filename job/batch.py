@@ -67,7 +67,7 @@ def run_batch(config: RunConfig, stop: threading.Event | None = None) -> int:
     log = get_logger(output=config.output)
     try:
         return _BatchRun(config, stop).run()
-    except UserError as exc:  # bad input, model or arguments: BadInput, ModelLoadError, FastaError...
+    except UserError as exc:  # bad input, model or arguments: BadInput, ModelLoadError, ReadsError...
         log.error("bad_input", error=str(exc))
         print(f"virnucpro: error: {exc}", file=sys.stderr)
         return exit_codes.BAD_INPUT
