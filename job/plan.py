@@ -29,6 +29,10 @@ is then exactly its own reads: one GET, decompressed at ISA-L speed, for gzip, B
 multi-member files alike. Plain inputs need no copy: workers read their byte range
 (S3: a ranged GET pinned to the planned ETag).
 
+Shard objects are written in order by one background thread (at most PUBLISH_AHEAD
+waiting), so store latency and the recompression overlap the scan; a shard's record is
+created only after its copies exist.
+
 Reads per shard: `--shard-reads`, or automatic (`auto_shard_reads`): about TARGET_SHARDS
 shards, between MIN_SHARD_READS and MAX_SHARD_READS reads each, from the inputs' total
 size and the reads per byte of the first input's first MiB: the same for every starter,
