@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from job import s3
 from job.errors import BadInput
@@ -27,6 +27,7 @@ from job.errors import BadInput
 GZIP_MAGIC = b"\x1f\x8b"
 READ_SUFFIXES = (".fa", ".fasta", ".fna", ".ffn", ".fas", ".seq", ".fastq", ".fq")
 READ_BLOCK = 8 * 2**20
+STREAM_RETRIES = 5  # re-GETs of an S3 input's rest after its stream broke
 
 
 @dataclass(frozen=True)
@@ -80,19 +81,9 @@ def open_input(obj: InputObject, endpoint_url: str | None, start: int = 0, end: 
     the planned one, raises `InputChanged`.
     """
     if s3.is_s3(obj.uri):
-        bucket, key = s3.split_uri(obj.uri)
-        request = {"Bucket": bucket, "Key": key, "IfMatch": obj.version}
-        if start or end is not None:
-            request["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         if end is not None and end <= start:
             return io.BytesIO(b"")
-        try:
-            body = s3.client(endpoint_url).get_object(**request)["Body"]
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "NoSuchKey"):
-                raise InputChanged(obj.uri) from None
-            raise
-        return io.BufferedReader(_Body(body), READ_BLOCK)  # type: ignore[arg-type]
+        return io.BufferedReader(_PinnedObject(obj, s3.client(endpoint_url), start, end), READ_BLOCK)
     if _local_objects(obj.uri)[0] != obj:
         raise InputChanged(obj.uri)
     handle = open(obj.uri, "rb")
@@ -103,18 +94,45 @@ def open_input(obj: InputObject, endpoint_url: str | None, start: int = 0, end: 
         return io.BytesIO(handle.read(end - start))
 
 
-class _Body(io.RawIOBase):
-    """A botocore streaming body as a raw stream (so it can be buffered and peeked)."""
+class _PinnedObject(io.RawIOBase):
+    """Bytes `start` .. `end` of an S3 object at its planned ETag, as a raw stream.
 
-    def __init__(self, body) -> None:  # noqa: ANN001 (botocore StreamingBody)
-        self._body = body
+    One GET (If-Match, Range) streams them; should the stream break (a reset connection, a
+    read timeout: a plan pass reads gigabytes through one GET), the rest is asked for again
+    from where it stopped, still pinned to the ETag, up to STREAM_RETRIES times.
+    """
+
+    def __init__(self, obj: InputObject, client, start: int, end: int | None) -> None:  # noqa: ANN001 (boto3 client)
+        self.obj, self.client, self.position, self.end = obj, client, start, end
+        self.bucket, self.key = s3.split_uri(obj.uri)
+        self._body = self._get()
+
+    def _get(self):  # noqa: ANN202 (botocore StreamingBody)
+        request = {"Bucket": self.bucket, "Key": self.key, "IfMatch": self.obj.version}
+        if self.position or self.end is not None:
+            request["Range"] = f"bytes={self.position}-{'' if self.end is None else self.end - 1}"
+        try:
+            return self.client.get_object(**request)["Body"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "NoSuchKey"):
+                raise InputChanged(self.obj.uri) from None
+            raise
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:  # noqa: ANN001
-        data = self._body.read(len(buffer))
+        for attempt in range(STREAM_RETRIES + 1):
+            try:
+                data = self._body.read(len(buffer))
+                break
+            except (BotoCoreError, OSError):
+                if attempt == STREAM_RETRIES:
+                    raise
+                self._body.close()
+                self._body = self._get()
         buffer[: len(data)] = data
+        self.position += len(data)
         return len(data)
 
     def close(self) -> None:

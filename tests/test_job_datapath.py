@@ -218,3 +218,40 @@ def test_a_dead_planner_is_taken_over_and_the_heir_recreates_the_same_plan(
         for segment in shard.segments:
             assert store.get(segment.copy).data == LocalStore(str(tmp_path / "fresh")).get(segment.copy).data
     assert json.loads(store.get(PLANNER_KEY).data)["owner"] is None  # released when done
+
+
+def test_a_broken_s3_stream_is_resumed_where_it_stopped_at_the_planned_version(bucket: str) -> None:  # noqa: F811
+    from botocore.exceptions import ResponseStreamingError
+
+    import job.inputs
+
+    data = reads_text(400)
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="in/a.fa", Body=data)
+    obj = resolve_inputs((f"s3://{bucket}/in/a.fa",), None)[0]
+    requests: list[dict] = []
+
+    class Breaking:
+        def __init__(self, body) -> None:  # noqa: ANN001
+            self.body, self.given = body, 0
+
+        def read(self, size: int) -> bytes:
+            if self.given >= 5000:
+                raise ResponseStreamingError(error="connection reset")
+            chunk = self.body.read(min(size, 1000))
+            self.given += len(chunk)
+            return chunk
+
+        def close(self) -> None:
+            self.body.close()
+
+    class Client:
+        def get_object(self, **request):  # noqa: ANN003, ANN202
+            requests.append(request)
+            response = s3.get_object(**request)
+            return {"Body": Breaking(response["Body"]) if len(requests) == 1 else response["Body"]}
+
+    stream = io.BufferedReader(job.inputs._PinnedObject(obj, Client(), 100, None), 4096)
+    assert stream.read() == data[100:]
+    assert [r.get("Range") for r in requests] == ["bytes=100-", "bytes=5100-"]
+    assert all(r["IfMatch"] == obj.version for r in requests)
