@@ -387,6 +387,7 @@ class Planner:
         open_segment: tuple[int, int, int] | None = None  # (first read, offset, line)
         full_at: int | None = None  # the shard filled at this read of the input: close it at the next
         base_scanned = self._scanned
+        last_line = 1  # header line of the last record found (for a damaged gzip stream)
         try:
             while True:
                 if self.stop.is_set():
@@ -396,8 +397,10 @@ class Planner:
                 try:
                     block = text.read(SCAN_BLOCK)
                 except (OSError, EOFError, zlib.error) as exc:
+                    if not gzip or (isinstance(exc, OSError) and exc.errno is not None):
+                        raise  # the disk or the network, not the file
                     raise ReadsError(
-                        obj.uri, 0, f"the gzip stream is damaged or truncated ({exc})",
+                        obj.uri, last_line, f"the gzip stream is damaged or truncated after this line ({exc})",
                         "Re-download or re-compress the file; check it with `gzip -t`.",
                     ) from None
                 found = scanner.feed(block) if block else scanner.close()
@@ -405,6 +408,8 @@ class Planner:
                     window += block
                 self._scanned = base_scanned + counted.count
                 offsets, lines, count = found.offsets, found.lines, len(found.offsets)
+                if count:
+                    last_line = int(lines[-1])
                 repeats = self.seen.add(found.ids)
                 i = 0
                 while i < count:

@@ -15,6 +15,7 @@ import boto3
 import pytest
 
 import job.plan
+from job.errors import BadInput
 from job.inputs import InputChanged, open_input, resolve_inputs
 from job.plan import DONE_KEY, Planner, load_plan, plan_header, plan_run, shard_plan_key, shard_records
 from job.seen import SeenIds
@@ -255,3 +256,13 @@ def test_a_broken_s3_stream_is_resumed_where_it_stopped_at_the_planned_version(b
     assert stream.read() == data[100:]
     assert [r.get("Range") for r in requests] == ["bytes=100-", "bytes=5100-"]
     assert all(r["IfMatch"] == obj.version for r in requests)
+
+
+def test_a_truncated_gzip_input_is_a_plan_error_naming_the_file(tmp_path: Path) -> None:
+    packed = gzip.compress(reads_text(2000, seed=7))
+    (tmp_path / "cut.fa.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(BadInput, match=f"{tmp_path / 'cut.fa.gz'}, line [0-9]+: the gzip stream is damaged"):
+        plan_run(LocalStore(str(tmp_path / "out")), resolve_inputs((str(tmp_path / "cut.fa.gz"),), None),
+                 SETTINGS, 100, None, threading.Event())
+    assert json.loads(LocalStore(str(tmp_path / "out")).get(job.plan.ERROR_KEY).data)["error"].startswith(
+        f"{tmp_path / 'cut.fa.gz'}, line ")
