@@ -15,7 +15,8 @@ from core.attention import Segments
 from core.dnabert import DNABERTEncoder, load_dnabert, write_demo_model
 from core.errors import NonFiniteEmbedding
 from core.esm2 import ESM2Encoder, load_esm2, write_demo_checkpoint
-from core.packing import pack, pack_flat
+from core.packing import pack_flat
+from oracles import pack
 
 CPU = torch.device("cpu")
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
@@ -89,7 +90,7 @@ def test_esm_engine_matches_reference_path(esm_path, proteins, backend):
     reference = load_esm2(str(esm_path), CPU)
     expected = reference.embed(proteins)
     model = load_esm2(str(esm_path), CPU).model
-    engine = ESM2Encoder(model, reference.alphabet, CPU, 300, engine=True, attention=backend, compile=False)
+    engine = ESM2Encoder(model, reference.alphabet, CPU, 300, attention=backend, compile=False)
     assert engine.backend == f"float32 {backend} eager"
     assert relative_errors(engine.embed(proteins), expected).max() <= 1e-5
 
@@ -97,10 +98,10 @@ def test_esm_engine_matches_reference_path(esm_path, proteins, backend):
 def test_esm_engine_packing_budget_and_order_do_not_change_embeddings(esm_path, proteins):
     model = load_esm2(str(esm_path), CPU).model
     alphabet = load_esm2(str(esm_path), CPU).alphabet
-    baseline = ESM2Encoder(model, alphabet, CPU, 100_000, engine=True, attention="sdpa_padded", compile=False).embed(proteins)
+    baseline = ESM2Encoder(model, alphabet, CPU, 100_000, attention="sdpa_padded", compile=False).embed(proteins)
     order = random.Random(1).sample(range(len(proteins)), len(proteins))
     for budget in (1, 200, 1000):
-        encoder = ESM2Encoder(model, alphabet, CPU, budget, engine=True, attention="sdpa_padded", compile=False)
+        encoder = ESM2Encoder(model, alphabet, CPU, budget, attention="sdpa_padded", compile=False)
         shuffled = encoder.embed([proteins[i] for i in order])
         assert relative_errors(shuffled, baseline[order]).max() <= 1e-5
 
@@ -122,13 +123,13 @@ def test_dnabert_engine_matches_reference_path(dna_dir, dna_reads, backend):
     reference = load_dnabert(str(dna_dir), CPU)
     expected = reference.embed(dna_reads)
     fresh = load_dnabert(str(dna_dir), CPU)
-    engine = DNABERTEncoder(fresh.model, fresh.tokenizer, CPU, 400, engine=True, attention=backend, compile=False)
+    engine = DNABERTEncoder(fresh.model, fresh.tokenizer, CPU, 400, attention=backend, compile=False)
     assert relative_errors(engine.embed(dna_reads), expected).max() <= 1e-5
 
 
 def test_dnabert_warm_up_meets_every_flex_bucket_a_batch_can_pad_to(dna_dir, dna_reads, monkeypatch):
     fresh = load_dnabert(str(dna_dir), CPU)
-    encoder = DNABERTEncoder(fresh.model, fresh.tokenizer, CPU, 1000, engine=True, attention="flex", compile=False)
+    encoder = DNABERTEncoder(fresh.model, fresh.tokenizer, CPU, 1000, attention="flex", compile=False)
     padded = []
     monkeypatch.setattr(encoder, "_pooled", lambda batch: padded.append(encoder.attention.pads_to(batch.total))
                         or torch.zeros(len(batch.order), encoder.dim))
