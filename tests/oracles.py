@@ -1,9 +1,9 @@
 """Straightforward versions of what core/ computes fast, for the tests to compare against.
 
 `pack` builds batches one tensor per sequence (core.packing.pack_flat builds the same ones
-with NumPy gathers); `dnabert_one_at_a_time` runs the DNABERT-S model on one sequence per
-call, the published loop (the GPU tests' float32 oracle). fair-esm itself is the ESM-2
-oracle, and tests/test_dnabert.py's float64 `naive_embedding` the DNABERT-S one.
+with NumPy gathers). fair-esm itself is the ESM-2 oracle, tests/test_dnabert.py's float64
+`naive_embedding` the DNABERT-S one on the CPU, and the published one-sequence-per-call loop
+over our float32 model (benchmarks/bench.py `dna_published_single`) the GPU tests' one.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from core.attention import Segments
 from core.packing import PackedBatch, _first_fit
 
 
@@ -42,16 +41,3 @@ def _build_batch(token_lists: Sequence[Sequence[int]] | Sequence[Tensor], order:
         max_seqlen=int(lengths.max()),
         order=order,
     )
-
-
-def dnabert_one_at_a_time(model, token_lists: list[list[int]], device: torch.device) -> Tensor:
-    """The published loop: one sequence per call, mean of the last layer over all tokens,
-    float32 [n, hidden] on the CPU. `model` is a DNABERTModel on `device`."""
-    out = torch.empty(len(token_lists), model.config.hidden_size)
-    with torch.inference_mode():
-        for i, ids in enumerate(token_lists):
-            tokens = torch.tensor(ids, device=device)
-            segments = Segments(torch.tensor([0, len(ids)], dtype=torch.int32, device=device), [0, len(ids)],
-                                len(ids), len(ids))
-            out[i] = model(tokens, segments).float().mean(0).cpu()
-    return out

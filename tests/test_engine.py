@@ -245,3 +245,46 @@ def test_no_compile_flows_from_the_command_line_to_the_encoders(tmp_path, monkey
     for compile in (True, False):  # the CPU engine runs eagerly either way
         predictor = load_predictor(*models, device="cpu", compile=compile)
         assert not predictor.esm.compile and not predictor.dnabert.compile
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def test_a_compiler_error_falls_back_to_eager_and_says_why(monkeypatch, caplog):
+    import logging
+
+    from core.engine import Compiled, compile_state
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("cannot lower this graph")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, backend=broken_backend))
+    part = Compiled(_double, dynamic_args=(0,))
+    with caplog.at_level(logging.WARNING, logger="core.engine"):
+        assert torch.equal(part(torch.ones(3), compile=True), torch.full((3,), 2.0))
+        assert torch.equal(part(torch.ones(4), compile=True), torch.full((4,), 2.0))  # eager from now on
+    assert "BackendCompilerFailed" in part.error and "cannot lower this graph" in part.error
+    assert compile_state(True, (part,)).startswith("eager (BackendCompilerFailed")
+    (record,) = caplog.records  # logged once, when it happened, with the function and the reason
+    assert "_double" in record.getMessage() and "cannot lower this graph" in record.getMessage()
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+])
+def test_a_runtime_error_in_a_compiled_call_raises_and_keeps_it_compiled(monkeypatch, error):
+    from core.engine import Compiled, compile_state
+
+    def compiled_call(*args):
+        raise error
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled_call)
+    part = Compiled(_double, dynamic_args=(0,))
+    with pytest.raises(type(error), match=str(error)[:20]):
+        part(torch.ones(3), compile=True)
+    assert part.error is None and compile_state(True, (part,)) == "compiled"
+    with pytest.raises(type(error)):  # the next call goes to the compiled code again
+        part(torch.ones(3), compile=True)
