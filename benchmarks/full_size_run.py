@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from core.bench import synthetic_reads
 from core.classifier import write_demo_classifier
 from core.dnabert import write_demo_model
 from core.esm2 import load_esm2, write_demo_checkpoint
 from core.frames import chunk_record, open_frames
+
+from bench import synthetic_reads  # benchmarks/bench.py, beside this script
 
 
 def write_models(models: Path) -> dict[str, str]:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.packing import segment_ids
+
 FLEX_BLOCK = 128  # FlexAttention's sparse block: padded token counts are multiples of it
 FLEX_MIN_BUCKET = 4096  # smallest padded token count: fewer distinct shapes, fewer compiles
 PLAIN_ORDER = ("flash_attn", "varlen", "sdpa_padded")
@@ -60,9 +62,7 @@ class Segments:
     def owner(self) -> Tensor:
         """Sequence number of every real row, int64 [real]."""
         if "owner" not in self.cache:
-            lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).to(torch.int64)
-            sequences = torch.arange(self.count, device=self.cu_seqlens.device)
-            self.cache["owner"] = sequences.repeat_interleave(lengths, output_size=self.real)
+            self.cache["owner"] = segment_ids(self.cu_seqlens, self.real)
         return self.cache["owner"]
 
     def positions(self) -> Tensor:
@@ -113,7 +113,9 @@ class Attention:
 
 # --- the backends ---------------------------------------------------------------------------
 
-def _alibi_block(slopes: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+def alibi_bias(slopes: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """The [heads, length, length] additive attention bias -slope_h * |i - j| (DNABERT-S's
+    ALiBi), computed in the slopes' float32 and given in `dtype`."""
     positions = torch.arange(length, device=slopes.device)
     distance = (positions[None, :] - positions[:, None]).abs()
     return (slopes[:, None, None] * -distance).to(dtype)
@@ -123,7 +125,7 @@ def per_sequence(q: Tensor, k: Tensor, v: Tensor, segments: Segments,
                  scale: float | None = None, slopes: Tensor | None = None) -> Tensor:
     """One dense SDPA per sequence: the reference (and the CPU path)."""
     out = torch.zeros_like(q) if segments.total > segments.real else torch.empty_like(q)
-    bias = None if slopes is None else _alibi_block(slopes, segments.max_seqlen, q.dtype)
+    bias = None if slopes is None else alibi_bias(slopes, segments.max_seqlen, q.dtype)
     for start, end in zip(segments.bounds[:-1], segments.bounds[1:]):
         length = end - start
         mask = None if bias is None else bias[:, :length, :length]
@@ -158,7 +160,7 @@ def sdpa_padded(q: Tensor, k: Tensor, v: Tensor, segments: Segments,
     if slopes is None:
         mask = valid[:, None, None, :]
     else:
-        bias = _alibi_block(slopes, length, q.dtype)[None]
+        bias = alibi_bias(slopes, length, q.dtype)[None]
         mask = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
     attended = F.scaled_dot_product_attention(q_pad, k_pad, v_pad, attn_mask=mask, scale=scale)
     flat = attended.transpose(1, 2).reshape(n * length, heads, dim)

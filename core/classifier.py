@@ -77,7 +77,9 @@ class Classifier:
         return self.model.hidden_layer.in_features
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities [n, 2] (float32, CPU) for features [n, input_dim].
+        """Softmax probabilities [n, 2] (float32) for features [n, input_dim], on the
+        classifier's device (no wait for the device: the pipeline queues this behind the
+        encoders and copies the result back itself).
 
         The softmax is taken in float32 whatever the device, as the published tool did.
         """
@@ -89,7 +91,7 @@ class Classifier:
         device = self.model.hidden_layer.weight.device
         with torch.no_grad():
             logits = self.model(features.to(device=device, dtype=torch.float32))
-            return torch.softmax(logits.float(), dim=1).cpu()
+            return torch.softmax(logits.float(), dim=1)
 
 
 # --- reading pickled modules without running them ------------------------------------------

@@ -15,6 +15,8 @@ without Triton:
 
 Dropout is omitted: it is the identity at inference. Module attribute names mirror the
 published state dict (`embeddings.*`, `encoder.layer.N.*`), so it loads with strict checking.
+The model's one forward runs on packed batches everywhere: float32 on the CPU, float16 and
+compiled on a GPU, with the ALiBi attention backend `DNABERTEncoder` chose once for the device.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch import Tensor, nn
 from core import attention as attention_module
 from core.attention import Attention as AttentionBackend
 from core.attention import Segments
+from core.engine import Compiled, compile_state, default_compile, describe, finished, run_batches
 from core.errors import ModelLoadError
 from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepare_batches, segment_mean
 
@@ -62,6 +65,7 @@ UNUSED_BUFFER_KEYS = frozenset({"embeddings.token_type_ids"})
 WRAPPER_PREFIX = "bert."
 
 CPU_BATCH_TOKENS = 2048  # on the GPU the budget comes from free memory (DNABERTEncoder)
+REFERENCE_ATTENTION = attention_module.make("per_sequence", alibi=True, device=torch.device("cpu"))
 
 
 @dataclass(frozen=True)
@@ -121,143 +125,139 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return alibi_slopes(lower) + alibi_slopes(2 * lower)[0::2][: num_heads - lower]
 
 
-def alibi_bias(slopes: Tensor, length: int) -> Tensor:
-    """The [heads, length, length] additive attention bias -slope_h * |i - j|."""
-    positions = torch.arange(length, device=slopes.device)
-    distance = (positions[None, :] - positions[:, None]).abs()
-    return slopes[:, None, None] * -distance
+def _project(x: Tensor, w_qkv: Tensor, b_qkv: Tensor, heads: int, heads_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused Wqkv projection, split into q, k, v in the attention backend's layout.
+
+    `Wqkv` output columns are [q | k | v], each split into heads of consecutive columns."""
+    total, width = x.shape
+    qkv = F.linear(x, w_qkv, b_qkv).view(total, 3, heads, width // heads)
+    if heads_first:
+        return tuple(qkv[:, i].transpose(0, 1).contiguous() for i in range(3))
+    return tuple(qkv[:, i].contiguous() for i in range(3))
 
 
-def alibi_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, bias: Tensor,
-                    bounds: list[int] | None = None) -> Tensor:
-    """Scaled dot-product attention within each packed sequence, plus the ALiBi bias.
+def _after_attention(x: Tensor, attended: Tensor, heads_first: bool, w_d: Tensor, b_d: Tensor,
+                     ln1_w: Tensor, ln1_b: Tensor, w_g: Tensor, w_o: Tensor, b_o: Tensor,
+                     ln2_w: Tensor, ln2_b: Tensor, eps: float, intermediate: int) -> Tensor:
+    """Attention output dense + residual + post-LayerNorm, then the gated-linear-unit MLP
+    (exact GELU of the first half times the second half, `wo`) + residual + post-LayerNorm."""
+    total, width = x.shape
+    if heads_first:
+        attended = attended.transpose(0, 1)
+    x = F.layer_norm(F.linear(attended.reshape(total, width), w_d, b_d) + x, (width,), ln1_w, ln1_b, eps)
+    gated, linear = F.linear(x, w_g).split(intermediate, dim=-1)
+    return F.layer_norm(F.linear(F.gelu(gated) * linear, w_o, b_o) + x, (width,), ln2_w, ln2_b, eps)
 
-    q, k, v: [total_tokens, heads, head_dim] for sequences laid end to end, sequence s at rows
-    cu_seqlens[s]:cu_seqlens[s+1]; bias: [heads, L, L] for L >= the longest sequence (the
-    top-left block serves every shorter one). Returns [total_tokens, heads, head_dim].
-    One dense attention per sequence is the CPU path; a GPU variable-length kernel with an
-    ALiBi bias (FlexAttention, flash-attn varlen; see core.attention and `FastDNABERT`)
-    replaces this one function. `bounds` are cu_seqlens as host ints, read once per batch.
-    """
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist() if bounds is None else bounds
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        length = end - start
-        heads_first = [t[start:end].transpose(0, 1) for t in (q, k, v)]
-        attended = F.scaled_dot_product_attention(*heads_first, attn_mask=bias[:, :length, :length])
-        out[start:end] = attended.transpose(0, 1)
-    return out
+
+PROJECT = Compiled(_project, dynamic_args=(0,))
+AFTER_ATTENTION = {  # by attention layout: the token dimension of `attended` is 1 when heads come first
+    False: Compiled(_after_attention, dynamic_args=(0, 1)),
+    True: Compiled(_after_attention, dynamic_args=(0, (1, 1))),
+}
+COMPILED_PARTS = (PROJECT, *AFTER_ATTENTION.values())
 
 
 class Embeddings(nn.Module):
     """Word plus token-type embedding (type 0 for every token), then LayerNorm."""
 
-    def __init__(self, config: DNABERTConfig) -> None:
+    def __init__(self, config: DNABERTConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size, dtype=dtype)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.LayerNorm(self.word_embeddings(tokens) + self.token_type_embeddings.weight[0])
 
 
 class SelfAttention(nn.Module):
-    """Fused query/key/value projection and ALiBi attention.
+    """The fused query/key/value projection."""
 
-    `Wqkv` output columns are [q | k | v], each split into heads of consecutive columns.
-    """
-
-    def __init__(self, config: DNABERTConfig) -> None:
+    def __init__(self, config: DNABERTConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-
-    def forward(self, hidden: Tensor, cu_seqlens: Tensor, bias: Tensor, bounds: list[int] | None = None) -> Tensor:
-        total, width = hidden.shape
-        q, k, v = self.Wqkv(hidden).view(total, 3, self.num_heads, -1).unbind(dim=1)
-        return alibi_attention(q, k, v, cu_seqlens, bias, bounds).reshape(total, width)
+        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, dtype=dtype)
 
 
 class AttentionOutput(nn.Module):
     """Output projection, residual add, post-LayerNorm."""
 
-    def __init__(self, config: DNABERTConfig) -> None:
+    def __init__(self, config: DNABERTConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, attended: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dense(attended) + residual)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, dtype=dtype)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype)
 
 
 class Attention(nn.Module):
     """Self-attention block; the attribute `self` is the checkpoint's name for it."""
 
-    def __init__(self, config: DNABERTConfig) -> None:
+    def __init__(self, config: DNABERTConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.self = SelfAttention(config)
-        self.output = AttentionOutput(config)
-
-    def forward(self, hidden: Tensor, cu_seqlens: Tensor, bias: Tensor, bounds: list[int] | None = None) -> Tensor:
-        return self.output(self.self(hidden, cu_seqlens, bias, bounds), hidden)
+        self.self = SelfAttention(config, dtype)
+        self.output = AttentionOutput(config, dtype)
 
 
 class GatedMLP(nn.Module):
-    """Gated-linear-unit feed-forward: GELU(first half) * second half, `wo`, post-LayerNorm."""
+    """Gated-linear-unit feed-forward: `gated_layers` (no bias), `wo`, post-LayerNorm."""
 
-    def __init__(self, config: DNABERTConfig) -> None:
+    def __init__(self, config: DNABERTConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gated_layers = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.wo = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        gated, linear = self.gated_layers(hidden).split(self.intermediate_size, dim=-1)
-        return self.layernorm(self.wo(F.gelu(gated) * linear) + hidden)
+        self.gated_layers = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False, dtype=dtype)
+        self.wo = nn.Linear(config.intermediate_size, config.hidden_size, dtype=dtype)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype)
 
 
 class Layer(nn.Module):
-    """One transformer layer: attention block then gated MLP."""
+    """One transformer layer: ALiBi self-attention block, then the gated MLP."""
 
-    def __init__(self, config: DNABERTConfig) -> None:
+    def __init__(self, config: DNABERTConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.attention = Attention(config)
-        self.mlp = GatedMLP(config)
+        self.config = config
+        self.attention = Attention(config, dtype)
+        self.mlp = GatedMLP(config, dtype)
 
-    def forward(self, hidden: Tensor, cu_seqlens: Tensor, bias: Tensor, bounds: list[int] | None = None) -> Tensor:
-        return self.mlp(self.attention(hidden, cu_seqlens, bias, bounds))
+    def forward(self, x: Tensor, segments: Segments, attention: AttentionBackend, slopes: Tensor,
+                compile: bool) -> Tensor:
+        first = attention.heads_first
+        wqkv, out, mlp = self.attention.self.Wqkv, self.attention.output, self.mlp
+        q, k, v = PROJECT(x, wqkv.weight, wqkv.bias, self.config.num_attention_heads, first, compile=compile)
+        attended = attention(q, k, v, segments, None, slopes)
+        return AFTER_ATTENTION[first](
+            x, attended, first, out.dense.weight, out.dense.bias, out.LayerNorm.weight, out.LayerNorm.bias,
+            mlp.gated_layers.weight, mlp.wo.weight, mlp.wo.bias, mlp.layernorm.weight, mlp.layernorm.bias,
+            self.config.layer_norm_eps, self.config.intermediate_size, compile=compile)
 
 
 class LayerStack(nn.Module):
     """The checkpoint's `encoder`: the list of layers."""
 
-    def __init__(self, config: DNABERTConfig) -> None:
+    def __init__(self, config: DNABERTConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.layer = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
+        self.layer = nn.ModuleList(Layer(config, dtype) for _ in range(config.num_hidden_layers))
 
 
 class DNABERTModel(nn.Module):
-    """DNABERT-2 / DNABERT-S encoder over packed sequences; returns the last hidden layer."""
+    """DNABERT-2 / DNABERT-S encoder over packed sequences; returns the last hidden layer.
 
-    def __init__(self, config: DNABERTConfig) -> None:
+    Parameters are created in `dtype` (float16 for the GPU); the ALiBi slopes stay float32.
+    """
+
+    def __init__(self, config: DNABERTConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embeddings = Embeddings(config)
-        self.encoder = LayerStack(config)
+        self.embeddings = Embeddings(config, dtype)
+        self.encoder = LayerStack(config, dtype)
         slopes = torch.tensor(alibi_slopes(config.num_attention_heads), dtype=torch.float32)
         self.register_buffer("alibi_slopes", slopes, persistent=False)
 
-    def forward(self, tokens: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                bounds: list[int] | None = None) -> Tensor:
-        """tokens: [total] int64, sequences end to end; returns [total, hidden_size]."""
-        bias = alibi_bias(self.alibi_slopes, max_seqlen).to(self.embeddings.LayerNorm.weight.dtype)
-        bounds = cu_seqlens.tolist() if bounds is None else bounds  # once per batch, not per layer
-        hidden = self.embeddings(tokens)
+    def forward(self, tokens: Tensor, segments: Segments, attention: AttentionBackend = REFERENCE_ATTENTION,
+                compile: bool = False) -> Tensor:
+        """tokens: [total] int64, sequences end to end as `segments` places them (rows past
+        segments.real are padding); returns [total, hidden_size] in the model's dtype.
+        No host-device synchronisation."""
+        x = self.embeddings(tokens)
         for layer in self.encoder.layer:
-            hidden = layer(hidden, cu_seqlens, bias, bounds)
-        return hidden
+            x = layer(x, segments, attention, self.alibi_slopes, compile)
+        return x
 
 
 def load_published_state_dict(model: DNABERTModel, state_dict: Mapping[str, Tensor]) -> None:
@@ -363,101 +363,25 @@ DNA_MAX_BATCH_TOKENS = 65536
 DNA_BYTES_PER_TOKEN_PER_DIM = 64  # peak activation bytes per packed token, per unit of hidden size
 
 
-def _dna_project(x: Tensor, w_qkv: Tensor, b_qkv: Tensor, heads: int, heads_first: bool):
-    """Fused Wqkv projection, split into q, k, v in the attention backend's layout."""
-    total, width = x.shape
-    qkv = F.linear(x, w_qkv, b_qkv).view(total, 3, heads, width // heads)
-    if heads_first:
-        return tuple(qkv[:, i].transpose(0, 1).contiguous() for i in range(3))
-    return tuple(qkv[:, i].contiguous() for i in range(3))
-
-
-def _dna_rest(x: Tensor, attended: Tensor, heads_first: bool, w_d: Tensor, b_d: Tensor,
-              ln1_w: Tensor, ln1_b: Tensor, w_g: Tensor, w_o: Tensor, b_o: Tensor,
-              ln2_w: Tensor, ln2_b: Tensor, eps: float, intermediate: int) -> Tensor:
-    """Attention output + post-LayerNorm, then the gated-linear-unit MLP + post-LayerNorm."""
-    total, width = x.shape
-    if heads_first:
-        attended = attended.transpose(0, 1)
-    x = F.layer_norm(F.linear(attended.reshape(total, width), w_d, b_d) + x, (width,), ln1_w, ln1_b, eps)
-    gated, linear = F.linear(x, w_g).split(intermediate, dim=-1)
-    return F.layer_norm(F.linear(F.gelu(gated) * linear, w_o, b_o) + x, (width,), ln2_w, ln2_b, eps)
-
-
-class FastDNABERT:
-    """DNABERT-S inference on packed batches for the GPU: weights in `dtype` (fp16 on CUDA),
-    LayerNorm statistics in float32, an ALiBi varlen attention backend (FlexAttention with a
-    block-sparse document mask, or flash-attn), pooling in float32, no host-device sync.
-    Converts the loaded `DNABERTModel` in place (same parameter names)."""
-
-    def __init__(self, model: DNABERTModel, dtype: torch.dtype) -> None:
-        from core.esm2 import MaybeCompiled
-
-        model.eval().requires_grad_(False)
-        model.to(dtype)
-        self.model, self.dtype = model, dtype
-        self.slopes = model.alibi_slopes.float()
-        config = model.config
-        self.heads, self.intermediate = config.num_attention_heads, config.intermediate_size
-        self.layers = []
-        for layer in model.encoder.layer:
-            attn, mlp = layer.attention, layer.mlp
-            self.layers.append((
-                (attn.self.Wqkv.weight, attn.self.Wqkv.bias),
-                (attn.output.dense.weight, attn.output.dense.bias, attn.output.LayerNorm.weight,
-                 attn.output.LayerNorm.bias, mlp.gated_layers.weight, mlp.wo.weight, mlp.wo.bias,
-                 mlp.layernorm.weight, mlp.layernorm.bias, config.layer_norm_eps, config.intermediate_size),
-            ))
-        self.project = MaybeCompiled(_dna_project, dynamic_args=(0,))
-        self.rest = {  # by attention layout: the token dimension of `attended` is 1 when heads come first
-            False: MaybeCompiled(_dna_rest, dynamic_args=(0, 1)),
-            True: MaybeCompiled(_dna_rest, dynamic_args=(0, (1, 1))),
-        }
-
-    def hidden(self, tokens: Tensor, segments: Segments, attention: AttentionBackend, compile: bool) -> Tensor:
-        """[total, hidden] in `dtype` (rows past segments.real are padding)."""
-        x = self.model.embeddings(tokens)
-        first = attention.heads_first
-        for (w_qkv, b_qkv), rest in self.layers:
-            q, k, v = self.project(x, w_qkv, b_qkv, self.heads, first, compile=compile)
-            attended = attention(q, k, v, segments, None, self.slopes)
-            x = self.rest[first](x, attended, first, *rest, compile=compile)
-        return x
-
-
 class DNABERTEncoder:
     """Tokenizes, packs under a token budget, runs DNABERT, and mean-pools per sequence.
 
-    On CUDA (or with engine=True) the model runs through `FastDNABERT` with the attention
-    backend chosen once here (`self.attention.name`, for the log). `prepare` (host work,
-    thread-safe) and `run` (device work, no sync) let a caller overlap the two.
+    The attention backend is chosen once here for the device (`self.attention.name`, for the
+    log), and the model runs compiled on CUDA. `prepare` (host work, thread-safe) and `run`
+    (device work, no sync) let a caller overlap the two.
     """
 
     def __init__(self, model: DNABERTModel, tokenizer: DNATokenizer, device: torch.device,
-                 batch_tokens: int | None, *, engine: bool | None = None,
-                 attention: str | None = None, compile: bool | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-        from core.esm2 import default_compile
-
-        self.model = model.to(device).eval()
+                 batch_tokens: int | None, *, attention: str | None = None,
+                 compile: bool | None = None) -> None:
+        self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        use_engine = device.type == "cuda" if engine is None else engine
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        self.engine = None
-        if use_engine:
-            self.engine = model.__dict__.get("_fast_engine")
-            if self.engine is None:
-                self.engine = FastDNABERT(model, dtype)
-                model.__dict__["_fast_engine"] = self.engine
-            elif self.engine.dtype != dtype:
-                raise ValueError(f"this DNABERT model already runs in {self.engine.dtype}, not {dtype}")
-            heads = model.config.num_attention_heads
-            self.attention = attention_module.select(True, device, dtype, attention, heads,
-                                                     model.config.hidden_size // heads)
-            self.fallback = attention_module.make("sdpa_padded", alibi=True)
-        else:
-            self.attention = attention_module.make("per_sequence", alibi=True, note="reference path")
+        self.dtype = model.embeddings.word_embeddings.weight.dtype
+        heads = model.config.num_attention_heads
+        self.attention = attention_module.select(True, device, self.dtype, attention, heads,
+                                                 model.config.hidden_size // heads)
+        self.fallback = attention_module.make("sdpa_padded", alibi=True)
         self.compile = default_compile(device) if compile is None else compile
         if batch_tokens is None:
             batch_tokens = auto_batch_tokens(device, DNA_BYTES_PER_TOKEN_PER_DIM * model.config.hidden_size,
@@ -473,43 +397,38 @@ class DNABERTEncoder:
 
     @property
     def backend(self) -> str:
-        """What runs, for the log: e.g. 'fp16 flex compiled' or 'fp32 per_sequence reference'."""
-        if self.engine is None:
-            return "fp32 per_sequence reference"
-        from core.esm2 import compile_state
+        """What runs, for the log: e.g. 'float16 flex compiled' or 'float32 per_sequence eager'."""
+        return describe(self.dtype, self.attention.name, compile_state(self.compile, COMPILED_PARTS))
 
-        state = compile_state(self.compile, (self.engine.project, *self.engine.rest.values()))
-        return f"{str(self.engine.dtype).replace('torch.', '')} {self.attention.name} {state}"
-
-    def prepare(self, sequences: Sequence[str]):
+    def prepare(self, sequences: Sequence[str]) -> PreparedBatches:
         """Host work: tokenize and pack (pinned for the GPU). Safe to call from another thread."""
         flat, lengths = self.tokenizer.encode_many(sequences)
         return prepare_batches(flat, lengths, self.batch_tokens, pin=self.device.type == "cuda")
 
     def run(self, prepared: PreparedBatches) -> tuple[Tensor, Tensor]:
         """Device work: ([n, dim] float32 embeddings, [n] bool all-finite) on the device."""
-        return prepared.pool(self.device, self.dim, self._pooled)
+        return run_batches(prepared, self.device, self.dim, self._pooled)
 
     def _pooled(self, batch: PackedBatch) -> Tensor:
-        if self.engine is None:
-            hidden = self.model(batch.tokens, batch.cu_seqlens, batch.max_seqlen, batch.bounds)
-            return segment_mean(hidden, batch.cu_seqlens)
+        """The published pooling: the mean over every token, [CLS] and [SEP] included."""
         attention = self.attention
         total = attention.pads_to(batch.total)
-        if total > attention.pads_to(self.batch_tokens):  # a lone sequence over the budget: no new compile
+        if total > max(batch.total, attention.pads_to(self.batch_tokens)):
+            # a lone sequence over the budget would pad to a bucket no warm-up compiled
             attention, total = self.fallback, batch.total
         tokens = batch.tokens
-        if total > batch.total:
+        if total > batch.total:  # the backend's padding rows, a dummy sequence of [SEP]s
             tokens = F.pad(tokens, (0, total - batch.total), value=self.tokenizer.sep_id)
-        segments = Segments(batch.cu_seqlens, batch.bounds, batch.max_seqlen, total)
-        hidden = self.engine.hidden(tokens, segments, attention, self.compile)
+        bounds = batch.bounds if batch.bounds is not None else batch.cu_seqlens.tolist()
+        segments = Segments(batch.cu_seqlens, bounds, batch.max_seqlen, total)
+        hidden = self.model(tokens, segments, attention, self.compile)
         return segment_mean(hidden[: batch.total], batch.cu_seqlens, validate=False)
 
     def warm_up(self) -> None:
         """Compile now for every padded size a batch can have (FlexAttention is compiled once
         per token bucket, the rest of the layer once for all sizes), so that no batch waits
-        on the compiler in the middle of a run. Nothing to do for an eager engine."""
-        if self.engine is None or not self.compile:
+        on the compiler in the middle of a run. Nothing to do when running eagerly."""
+        if not self.compile:
             return
         limit, smallest = self.batch_tokens, self.attention.pads_to(1)
         if smallest == 1:  # no padding buckets: two sizes settle the one dynamic-shape graph
@@ -528,12 +447,7 @@ class DNABERTEncoder:
 
     def embed(self, sequences: Sequence[str]) -> Tensor:
         """[n, dim] float32 CPU embeddings in input order: mean over all tokens of each."""
-        from core.esm2 import raise_if_not_finite
-
-        out, finite = self.run(self.prepare(sequences))
-        out, finite = out.cpu(), finite.cpu()
-        raise_if_not_finite("DNABERT-S", finite)
-        return out
+        return finished("DNABERT-S", self.run(self.prepare(sequences)))
 
 
 def load_dnabert(source: str, device: torch.device,
@@ -543,15 +457,16 @@ def load_dnabert(source: str, device: torch.device,
 
     The directory holds `config.json`, `model.safetensors` or `pytorch_model.bin` (read
     with weights_only) and `tokenizer.json`. Raises ModelLoadError with a plain message
-    when any of it is missing or does not match. On CUDA the encoder runs the fp16 engine;
+    when any of it is missing or does not match. On CUDA the model runs in fp16, compiled;
     batch_tokens None derives the packed batch size from free GPU memory.
     """
     directory = resolve_model_dir(source)
     config = DNABERTConfig.from_dict(_read_json(directory / CONFIG_FILE))
-    model = DNABERTModel(config)
+    model = DNABERTModel(config, torch.float16 if device.type == "cuda" else torch.float32)
     load_published_state_dict(model, _read_weights(directory))
     tokenizer = DNATokenizer.from_file(_require_file(directory / TOKENIZER_FILE))
     check_vocabulary(tokenizer, config, directory)
+    model = model.to(device).eval().requires_grad_(False)
     return DNABERTEncoder(model, tokenizer, device, batch_tokens, attention=attention, compile=compile)
 
 
@@ -641,7 +556,7 @@ def write_demo_model(directory: str | Path, *, layers: int = 2, hidden: int = 64
                            num_hidden_layers=layers, num_attention_heads=heads,
                            intermediate_size=intermediate)
     (directory / CONFIG_FILE).write_text(json.dumps(_published_config_fields(config), indent=2))
-    state_dict = _random_state_dict(config, seed)
+    state_dict = random_state_dict(config, seed)
     if safetensors:
         save_safetensors(state_dict, str(directory / SAFETENSORS_FILE))
     else:
@@ -700,7 +615,7 @@ def _published_config_fields(config: DNABERTConfig) -> dict[str, object]:
     }
 
 
-def _random_state_dict(config: DNABERTConfig, seed: int) -> dict[str, Tensor]:
+def random_state_dict(config: DNABERTConfig, seed: int) -> dict[str, Tensor]:
     """Random weights under the published names, plus the pooler the published file carries."""
     generator = torch.Generator().manual_seed(seed)
     layout = DNABERTModel(config).state_dict()

@@ -1,9 +1,11 @@
 """ESM-2 protein embeddings (SPEC section 4), computed on packed batches.
 
-The transformer is our own implementation of fair-esm's `esm.model.esm2.ESM2`: the same
-parameter names (so fair-esm checkpoints load strictly), the same arithmetic, but it runs
-on a `PackedBatch` (no padding; rotary positions restart for every sequence) and the
-attention is one function, `packed_attention`, that a GPU build can swap for a varlen kernel.
+`ESM2` is our implementation of fair-esm's `esm.model.esm2.ESM2`: the same parameter names
+(so fair-esm checkpoints load strictly) and the same arithmetic, run on a `PackedBatch` (no
+padding; rotary positions restart for every sequence). Its one forward runs everywhere: in
+float32 on the CPU, where it gives fair-esm's numbers, and in float16 on a GPU, compiled,
+with a varlen attention kernel. The attention backend (core.attention) and whether to
+compile are chosen once, by `ESM2Encoder`, and passed to the forward.
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from torch import Tensor, nn
 
 from core import attention as attention_module
 from core.attention import Attention, Segments
-from core.errors import ModelLoadError, NonFiniteEmbedding
-from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepare_batches, segment_ids, segment_mean
+from core.engine import Compiled, compile_state, default_compile, describe, finished, run_batches
+from core.errors import ModelLoadError
+from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepare_batches, segment_mean
 
 DEFAULT_BATCH_TOKENS = 4096  # tokens per packed batch when the caller gives no budget
 POOLED_RESIDUES = 1024  # the published pooling averages at most this many residues
@@ -37,101 +40,131 @@ MODEL_NAME = re.compile(r"esm2_t\d+_\d+[MB]_UR50D")
 CHECKPOINT_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
 # Contact-prediction weights ship in a separate file that embeddings never need.
 OPTIONAL_KEYS = ("contact_head.regression.weight", "contact_head.regression.bias")
+ESM_MAX_BATCH_TOKENS = 65536  # GEMMs are at full speed well before this many rows
+ESM_BYTES_PER_TOKEN_PER_DIM = 56  # peak activation bytes per packed token, per unit of embed_dim
+REFERENCE_ATTENTION = attention_module.make("per_sequence", alibi=False, device=torch.device("cpu"))
 
 
-def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
-                     bounds: list[int] | None = None) -> Tensor:
-    """Softmax attention within each packed sequence, never across two of them.
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """fair-esm's rotary embedding on x [total, heads, d] with cos/sin [total, 1, d]: the two
+    halves of each head rotated."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
 
-    q, k, v: [total, heads, head_dim], q already multiplied by head_dim**-0.5 (as fair-esm
-    does before the dot product, hence scale=1 here). Returns [total, heads, head_dim].
-    This is the reference (CPU) version, one sequence at a time; `bounds` are cu_seqlens as
-    host ints, read once per batch by the caller rather than once per layer. The GPU engine
-    (`FastESM2`) calls a varlen kernel from core.attention instead.
-    """
-    bounds = cu_seqlens.tolist() if bounds is None else bounds
-    longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
-    segments = Segments(cu_seqlens, bounds, longest, bounds[-1] if bounds else 0)
-    return attention_module.per_sequence(q, k, v, segments, scale=1.0)
+
+def _pre_attention(x: Tensor, ln_w: Tensor, ln_b: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor,
+                   b_q: Tensor, b_k: Tensor, b_v: Tensor, cos: Tensor, sin: Tensor, heads: int,
+                   eps: float, q_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm, q/k/v in one GEMM, query scaling and rotary (in float32): one layer's
+    attention inputs, [total, heads, head_dim] each."""
+    total, width = x.shape
+    h = F.layer_norm(x, (width,), ln_w, ln_b, eps)
+    qkv = F.linear(h, torch.cat((w_q, w_k, w_v)), torch.cat((b_q, b_k, b_v))).view(total, 3, heads, width // heads)
+    q = _rotate(qkv[:, 0].float() * q_scale, cos, sin).to(x.dtype)
+    k = _rotate(qkv[:, 1].float(), cos, sin).to(x.dtype)
+    return q, k, qkv[:, 2].contiguous()
+
+
+def _post_attention(x: Tensor, attended: Tensor, w_o: Tensor, b_o: Tensor, ln_w: Tensor, ln_b: Tensor,
+                    w_1: Tensor, b_1: Tensor, w_2: Tensor, b_2: Tensor, eps: float) -> Tensor:
+    """Output projection and residual, then the pre-LayerNorm GELU feed-forward and residual."""
+    total, width = x.shape
+    x = x + F.linear(attended.reshape(total, width), w_o, b_o)
+    up = F.gelu(F.linear(F.layer_norm(x, (width,), ln_w, ln_b, eps), w_1, b_1))
+    if x.dtype == torch.float32:  # fair-esm's order of additions: x + (fc2(.) + b_2)
+        return x + F.linear(up, w_2, b_2)
+    # In half precision, x + b_2 is the GEMM's C input (beta = 1): it comes out of the
+    # LayerNorm kernel for free and saves an elementwise pass over the rows.
+    return torch.addmm(x + b_2, up, w_2.t())
+
+
+PRE_ATTENTION = Compiled(_pre_attention, dynamic_args=(0, 9, 10))
+POST_ATTENTION = Compiled(_post_attention, dynamic_args=(0, 1))
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (RoFormer), rotating the two halves of each head as fair-esm does."""
+    """Rotary position embedding (RoFormer) as fair-esm computes it; `inv_freq` stays float32
+    whatever the model's dtype (it is saved in fair-esm checkpoints)."""
 
     def __init__(self, head_dim: int) -> None:
         super().__init__()
         inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq)  # saved in fair-esm checkpoints
+        self.register_buffer("inv_freq", inv_freq)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x: [total, heads, head_dim]; positions: [total], 0 at each sequence's first token."""
+    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """float32 cos and sin [total, 1, head_dim] of every row's angles; positions [total]
+        restart at 0 for each sequence."""
         angles = positions.float()[:, None] * self.inv_freq.float()[None, :]
         angles = torch.cat((angles, angles), dim=-1)[:, None, :]
-        first, second = x.chunk(2, dim=-1)
-        rotated = torch.cat((-second, first), dim=-1)
-        return x * angles.cos().to(x.dtype) + rotated * angles.sin().to(x.dtype)
+        return angles.cos(), angles.sin()
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, embed_dim: int, heads: int) -> None:
+    """One layer's q/k/v/out projections and rotary table, under fair-esm's names."""
+
+    def __init__(self, embed_dim: int, heads: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.heads = heads
         self.head_dim = embed_dim // heads
-        self.k_proj = nn.Linear(embed_dim, embed_dim)
-        self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, dtype=dtype)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, dtype=dtype)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, dtype=dtype)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, dtype=dtype)
         self.rot_emb = RotaryEmbedding(self.head_dim)
-
-    def forward(self, x: Tensor, positions: Tensor, cu_seqlens: Tensor, bounds: list[int] | None = None) -> Tensor:
-        total, width = x.shape
-        q = (self.q_proj(x) * self.head_dim**-0.5).view(total, self.heads, self.head_dim)
-        k = self.k_proj(x).view(total, self.heads, self.head_dim)
-        v = self.v_proj(x).view(total, self.heads, self.head_dim)
-        q, k = self.rot_emb(q, positions), self.rot_emb(k, positions)
-        return self.out_proj(packed_attention(q, k, v, cu_seqlens, bounds).reshape(total, width))
 
 
 class TransformerLayer(nn.Module):
     """Pre-LayerNorm block: attention then a 4x GELU feed-forward, each added to its input."""
 
-    def __init__(self, embed_dim: int, heads: int) -> None:
+    def __init__(self, embed_dim: int, heads: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(embed_dim, heads)
-        self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
-        self.fc1 = nn.Linear(embed_dim, 4 * embed_dim)
-        self.fc2 = nn.Linear(4 * embed_dim, embed_dim)
-        self.final_layer_norm = nn.LayerNorm(embed_dim)
+        self.self_attn = SelfAttention(embed_dim, heads, dtype)
+        self.self_attn_layer_norm = nn.LayerNorm(embed_dim, dtype=dtype)
+        self.fc1 = nn.Linear(embed_dim, 4 * embed_dim, dtype=dtype)
+        self.fc2 = nn.Linear(4 * embed_dim, embed_dim, dtype=dtype)
+        self.final_layer_norm = nn.LayerNorm(embed_dim, dtype=dtype)
 
-    def forward(self, x: Tensor, positions: Tensor, cu_seqlens: Tensor, bounds: list[int] | None = None) -> Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), positions, cu_seqlens, bounds)
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, segments: Segments, attention: Attention,
+                compile: bool) -> Tensor:
+        attn, norm = self.self_attn, self.self_attn_layer_norm
+        q, k, v = PRE_ATTENTION(x, norm.weight, norm.bias, attn.q_proj.weight, attn.k_proj.weight,
+                                attn.v_proj.weight, attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias,
+                                cos, sin, attn.heads, norm.eps, attn.head_dim**-0.5, compile=compile)
+        attended = attention(q, k, v, segments, 1.0)  # q is scaled already, as fair-esm does
+        norm = self.final_layer_norm
+        return POST_ATTENTION(x, attended, attn.out_proj.weight, attn.out_proj.bias, norm.weight, norm.bias,
+                              self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, norm.eps,
+                              compile=compile)
 
 
 class ContactRegression(nn.Module):
     """Holds fair-esm's contact-prediction weights so parameter names match; never run here."""
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.regression = nn.Linear(in_features, 1)
+        self.regression = nn.Linear(in_features, 1, dtype=dtype)
 
 
 class LanguageModelHead(nn.Module):
     """Masked-token logits, with the output projection tied to the token embedding."""
 
-    def __init__(self, embed_dim: int, vocab_size: int, weight: nn.Parameter) -> None:
+    def __init__(self, embed_dim: int, vocab_size: int, weight: nn.Parameter, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.dense = nn.Linear(embed_dim, embed_dim)
-        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.dense = nn.Linear(embed_dim, embed_dim, dtype=dtype)
+        self.layer_norm = nn.LayerNorm(embed_dim, dtype=dtype)
         self.weight = weight
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.bias = nn.Parameter(torch.zeros(vocab_size, dtype=dtype))
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return F.linear(self.layer_norm(F.gelu(self.dense(hidden))), self.weight) + self.bias
+        return F.linear(self.layer_norm(F.gelu(self.dense(hidden.to(self.weight.dtype)))), self.weight) + self.bias
 
 
 class ESM2(nn.Module):
-    """The ESM-2 transformer over packed sequences; state_dict keys are fair-esm's."""
+    """The ESM-2 transformer over packed sequences; state_dict keys are fair-esm's.
+
+    Parameters are created in `dtype` (float16 for the GPU: half the memory, no float32 copy);
+    the rotary tables, token dropout and the final LayerNorm run in float32.
+    """
 
     def __init__(
         self,
@@ -141,191 +174,51 @@ class ESM2(nn.Module):
         vocab_size: int,
         mask_idx: int,
         token_dropout: bool = True,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.mask_idx = mask_idx
         self.token_dropout = token_dropout
-        self.embed_tokens = nn.Embedding(vocab_size, embed_dim)
-        self.layers = nn.ModuleList(TransformerLayer(embed_dim, attention_heads) for _ in range(num_layers))
-        self.contact_head = ContactRegression(num_layers * attention_heads)
-        self.emb_layer_norm_after = nn.LayerNorm(embed_dim)
-        self.lm_head = LanguageModelHead(embed_dim, vocab_size, self.embed_tokens.weight)
+        self.embed_tokens = nn.Embedding(vocab_size, embed_dim, dtype=dtype)
+        self.layers = nn.ModuleList(TransformerLayer(embed_dim, attention_heads, dtype) for _ in range(num_layers))
+        self.contact_head = ContactRegression(num_layers * attention_heads, dtype)
+        self.emb_layer_norm_after = nn.LayerNorm(embed_dim, dtype=dtype)
+        self.lm_head = LanguageModelHead(embed_dim, vocab_size, self.embed_tokens.weight, dtype)
 
-    def forward(self, batch: PackedBatch) -> Tensor:
-        """Hidden states of the last layer, after `emb_layer_norm_after`: [total, embed_dim]."""
+    def forward(self, batch: PackedBatch, attention: Attention = REFERENCE_ATTENTION,
+                compile: bool = False) -> Tensor:
+        """float32 hidden states of the last layer, after `emb_layer_norm_after`: [total, embed_dim].
+
+        No host-device synchronisation: `batch.bounds` carries the offsets as host ints.
+        """
+        bounds = batch.bounds if batch.bounds is not None else batch.cu_seqlens.tolist()
+        segments = Segments(batch.cu_seqlens, bounds, batch.max_seqlen, batch.total)
         x = self.embed_tokens(batch.tokens)  # fair-esm's embed_scale is 1
         if self.token_dropout:
-            x = self._rescale_masked(x, batch.tokens, batch.cu_seqlens)
-        bounds = batch.bounds if batch.bounds is not None else batch.cu_seqlens.tolist()  # once per batch
+            x = self._rescale_masked(x, batch.tokens, segments)
+        cos, sin = self.layers[0].self_attn.rot_emb.cos_sin(batch.positions)  # the same in every layer
         for layer in self.layers:
-            x = layer(x, batch.positions, batch.cu_seqlens, bounds)
-        return self.emb_layer_norm_after(x)
+            x = layer(x, cos, sin, segments, attention, compile)
+        final = self.emb_layer_norm_after
+        return F.layer_norm(x.float(), (self.embed_dim,), final.weight.float(), final.bias.float(), final.eps)
 
-    def _rescale_masked(self, x: Tensor, tokens: Tensor, cu_seqlens: Tensor) -> Tensor:
+    def _rescale_masked(self, x: Tensor, tokens: Tensor, segments: Segments) -> Tensor:
         """Token dropout at inference: zero <mask> embeddings, rescale by each sequence's mask share.
 
         The model was trained with 12% of tokens zeroed, so embeddings are scaled by
-        (1 - 0.12) / (1 - share of <mask> among that sequence's tokens, <cls>/<eos> included).
+        (1 - 0.12) / (1 - share of <mask> among that sequence's tokens, <cls>/<eos> included),
+        in float32.
         """
         is_mask = tokens == self.mask_idx
-        x = x.masked_fill(is_mask[:, None], 0.0)
-        owner = segment_ids(cu_seqlens, len(tokens))
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(x.dtype)
-        masked = torch.zeros_like(lengths).index_add_(0, owner, is_mask.to(x.dtype))
-        return x * (1 - MASK_RATIO_TRAIN) / (1 - masked / lengths)[owner][:, None]
+        owner = segments.owner()
+        lengths = (segments.cu_seqlens[1:] - segments.cu_seqlens[:-1]).float()
+        masked = torch.zeros_like(lengths).index_add_(0, owner, is_mask.float())
+        rescaled = x.float().masked_fill(is_mask[:, None], 0.0) * (1 - MASK_RATIO_TRAIN) / (1 - masked / lengths)[owner][:, None]
+        return rescaled.to(x.dtype)
 
 
-# --- the GPU engine -------------------------------------------------------------------------
-
-ESM_MAX_BATCH_TOKENS = 65536  # GEMMs are at full speed well before this many rows
-ESM_BYTES_PER_TOKEN_PER_DIM = 56  # peak activation bytes per packed token, per unit of embed_dim
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """fair-esm's rotary embedding on x [total, heads, d] with cos/sin [total, 1, d]."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
-
-
-def _esm_pre_attention(x: Tensor, ln_w: Tensor, ln_b: Tensor, w_qkv: Tensor, b_qkv: Tensor,
-                       cos: Tensor, sin: Tensor, heads: int, eps: float, q_scale: float):
-    """LayerNorm, fused q/k/v projection, query scaling and rotary (in float32), per layer."""
-    total, width = x.shape
-    h = F.layer_norm(x, (width,), ln_w, ln_b, eps)
-    qkv = F.linear(h, w_qkv, b_qkv).view(total, 3, heads, width // heads)
-    q = _rotate(qkv[:, 0].float() * q_scale, cos, sin).to(x.dtype)
-    k = _rotate(qkv[:, 1].float(), cos, sin).to(x.dtype)
-    return q, k, qkv[:, 2].contiguous()
-
-
-def _esm_post_attention(x: Tensor, attended: Tensor, w_o: Tensor, b_o: Tensor, ln_w: Tensor,
-                        ln_b: Tensor, w_1: Tensor, b_1: Tensor, w_2: Tensor, b_2: Tensor,
-                        eps: float) -> Tensor:
-    """Output projection and residual, then the pre-LayerNorm GELU feed-forward and residual."""
-    total, width = x.shape
-    x = x + F.linear(attended.reshape(total, width), w_o, b_o)
-    h = F.layer_norm(x, (width,), ln_w, ln_b, eps)
-    # x + (fc2(.) + b_2) with the residual and bias as the GEMM's C input (beta = 1): x + b_2
-    # comes out of the LayerNorm kernel for free and saves an elementwise pass over the rows.
-    return torch.addmm(x + b_2, F.gelu(F.linear(h, w_1, b_1)), w_2.t())
-
-
-class MaybeCompiled:
-    """`fn`, or `torch.compile(fn)` (made on first use) with the token dimension of some
-    arguments dynamic: one graph serves every batch size and every layer. If compiling
-    fails, it says why (`error`) and runs `fn` eagerly from then on."""
-
-    def __init__(self, fn, dynamic_args: tuple[int | tuple[int, int], ...]) -> None:
-        """dynamic_args: argument indices whose dim 0 is the token count, or (index, dim) pairs."""
-        self.fn = fn
-        self.dynamic_args = [(a, 0) if isinstance(a, int) else a for a in dynamic_args]
-        self.compiled = None
-        self.error: str | None = None
-
-    def __call__(self, *args, compile: bool = False):
-        if compile and self.error is None:
-            try:
-                if self.compiled is None:
-                    self.compiled = torch.compile(self.fn)
-                for index, dim in self.dynamic_args:
-                    torch._dynamo.mark_dynamic(args[index], dim)
-                return self.compiled(*args)
-            except Exception as error:  # compile problems of any kind: run eagerly from now on
-                self.error = f"{type(error).__name__}: {str(error)[:300]}"
-        return self.fn(*args)
-
-
-def compile_state(compile: bool, parts) -> str:
-    """'compiled', 'eager', or 'eager (why compiling failed)', for the log."""
-    if not compile:
-        return "eager"
-    errors = [p.error for p in parts if p.error]
-    return f"eager ({errors[0]})" if errors else "compiled"
-
-
-def default_compile(device: torch.device) -> bool:
-    """torch.compile the engine's per-layer pieces on CUDA; the CPU path runs eagerly."""
-    return device.type == "cuda"
-
-
-class FastESM2:
-    """ESM-2 inference on packed batches for the GPU: the model's weights in `dtype` (fp16 on
-    CUDA), q/k/v fused into one GEMM, a varlen attention backend, LayerNorm statistics,
-    rotary, token dropout, the final LayerNorm and pooling in float32.
-
-    Built from a loaded `ESM2`, whose parameters it converts in place: q_proj/k_proj/v_proj
-    become views into the fused weight, so state_dict names and loading are unchanged. No
-    host-device synchronisation inside `hidden`.
-    """
-
-    def __init__(self, model: ESM2, dtype: torch.dtype) -> None:
-        model.eval().requires_grad_(False)
-        self.model, self.dtype = model, dtype
-        final = model.emb_layer_norm_after
-        self.final_norm = (final.weight.detach().float().clone(), final.bias.detach().float().clone(), final.eps)
-        first = model.layers[0].self_attn
-        self.heads, self.head_dim = first.heads, first.head_dim
-        self.q_scale = self.head_dim**-0.5
-        device = final.weight.device
-        self.inv_freq = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
-        model.to(dtype)
-        self.layers = [self._fuse(layer) for layer in model.layers]
-        self.pre = MaybeCompiled(_esm_pre_attention, dynamic_args=(0, 5, 6))
-        self.post = MaybeCompiled(_esm_post_attention, dynamic_args=(0, 1))
-
-    @staticmethod
-    def _fuse(layer: TransformerLayer) -> tuple:
-        attn, width = layer.self_attn, layer.self_attn.q_proj.weight.shape[0]
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        weight = torch.cat([p.weight.detach() for p in projections])
-        bias = torch.cat([p.bias.detach() for p in projections])
-        for i, projection in enumerate(projections):  # same names, now views into the fused tensors
-            projection.weight.data = weight[i * width:(i + 1) * width]
-            projection.bias.data = bias[i * width:(i + 1) * width]
-        return (
-            (layer.self_attn_layer_norm.weight, layer.self_attn_layer_norm.bias, weight, bias,
-             layer.self_attn_layer_norm.eps),
-            (attn.out_proj.weight, attn.out_proj.bias, layer.final_layer_norm.weight,
-             layer.final_layer_norm.bias, layer.fc1.weight, layer.fc1.bias, layer.fc2.weight,
-             layer.fc2.bias, layer.final_layer_norm.eps),
-        )
-
-    def hidden(self, batch: PackedBatch, segments: Segments, attention: Attention, compile: bool) -> Tensor:
-        """float32 [total, embed_dim]: the last layer after emb_layer_norm_after."""
-        model, tokens = self.model, batch.tokens
-        x = model.embed_tokens(tokens)
-        if model.token_dropout:
-            owner = segments.owner()
-            is_mask = tokens == model.mask_idx
-            lengths = (segments.cu_seqlens[1:] - segments.cu_seqlens[:-1]).float()
-            masked = torch.zeros_like(lengths).index_add_(0, owner, is_mask.float())
-            factor = ((1 - MASK_RATIO_TRAIN) / (1 - masked / lengths))[owner][:, None]
-            x = (x.float() * factor).masked_fill(is_mask[:, None], 0.0).to(self.dtype)
-        angles = batch.positions.float()[:, None] * self.inv_freq[None, :]
-        angles = torch.cat((angles, angles), dim=-1)[:, None, :]
-        cos, sin = angles.cos(), angles.sin()
-        for (ln_w, ln_b, w_qkv, b_qkv, eps), rest in self.layers:
-            q, k, v = self.pre(x, ln_w, ln_b, w_qkv, b_qkv, cos, sin, self.heads, eps, self.q_scale, compile=compile)
-            attended = attention(q, k, v, segments, 1.0)
-            x = self.post(x, attended, *rest, compile=compile)
-        weight, bias, eps = self.final_norm
-        return F.layer_norm(x.float(), (x.shape[1],), weight, bias, eps)
-
-
-
-def _engine_for(model: ESM2, dtype: torch.dtype) -> FastESM2:
-    """One engine per model (the conversion happens in place, once)."""
-    engine = model.__dict__.get("_fast_engine")
-    if engine is None:
-        engine = FastESM2(model, dtype)
-        model.__dict__["_fast_engine"] = engine
-    elif engine.dtype != dtype:
-        raise ValueError(f"this ESM-2 model already runs in {engine.dtype}, not {dtype}")
-    return engine
-
-
-def flatten_token_lists(token_lists: Sequence[Sequence[int]] | Sequence[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+def flatten_token_lists(token_lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
     if not len(token_lists):
         return np.zeros(0, np.int64), lengths
@@ -333,18 +226,12 @@ def flatten_token_lists(token_lists: Sequence[Sequence[int]] | Sequence[Tensor])
     return flat, lengths
 
 
-def raise_if_not_finite(model: str, finite: Tensor) -> None:
-    if not bool(finite.all()):
-        raise NonFiniteEmbedding(model, torch.nonzero(~finite).flatten().tolist())
-
-
 class ESM2Encoder:
     """ESM-2 as the pipeline uses it: proteins in, one pooled float32 vector per protein out.
 
-    On CUDA (or with engine=True) the model runs through `FastESM2` in fp16 with the
-    attention backend chosen once here (`self.attention.name`, for the log); on the CPU it
-    runs the reference arithmetic. `prepare` (host work, thread-safe) and `run` (device
-    work, no sync) let a caller overlap the two; `embed` does both.
+    The attention backend is chosen once here for the device (`self.attention.name`, for the
+    log), and the model runs compiled on CUDA. `prepare` (host work, thread-safe) and `run`
+    (device work, no sync) let a caller overlap the two; `embed` does both.
     """
 
     def __init__(
@@ -354,23 +241,16 @@ class ESM2Encoder:
         device: torch.device,
         batch_tokens: int | None = DEFAULT_BATCH_TOKENS,
         *,
-        engine: bool | None = None,
         attention: str | None = None,
         compile: bool | None = None,
-        dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.alphabet = alphabet
         self.device = device
-        use_engine = device.type == "cuda" if engine is None else engine
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        self.engine = _engine_for(model, dtype) if use_engine else None
+        self.dtype = model.embed_tokens.weight.dtype
+        first = model.layers[0].self_attn
+        self.attention = attention_module.select(False, device, self.dtype, attention, first.heads, first.head_dim)
         self.compile = default_compile(device) if compile is None else compile
-        if self.engine is None:
-            self.attention = attention_module.make("per_sequence", alibi=False, note="reference path")
-        else:
-            self.attention = attention_module.select(False, device, dtype, attention,
-                                                     self.engine.heads, self.engine.head_dim)
         if batch_tokens is None:
             batch_tokens = auto_batch_tokens(device, ESM_BYTES_PER_TOKEN_PER_DIM * model.embed_dim,
                                              ESM_MAX_BATCH_TOKENS, cpu_default=DEFAULT_BATCH_TOKENS)
@@ -385,12 +265,8 @@ class ESM2Encoder:
 
     @property
     def backend(self) -> str:
-        """What runs, for the log: e.g. 'fp16 varlen compiled' or 'fp32 per_sequence reference'."""
-        if self.engine is None:
-            return "fp32 per_sequence reference"
-        dtype = str(self.engine.dtype).replace("torch.", "")
-        state = compile_state(self.compile, (self.engine.pre, self.engine.post))
-        return f"{dtype} {self.attention.name} {state}"
+        """What runs, for the log: e.g. 'float16 varlen compiled' or 'float32 per_sequence eager'."""
+        return describe(self.dtype, self.attention.name, compile_state(self.compile, (PRE_ATTENTION, POST_ATTENTION)))
 
     def tokenize(self, protein: str) -> list[int]:
         """<cls> + residues + <eos> in fair-esm's alphabet (which also reads '<mask>' as one token)."""
@@ -437,42 +313,25 @@ class ESM2Encoder:
     def run(self, prepared: PreparedBatches) -> tuple[Tensor, Tensor]:
         """Device work: ([n, dim] float32 embeddings, [n] bool all-finite), both on the device,
         in input order; nothing is read back to the host."""
-        return prepared.pool(self.device, self.dim, self._pooled)
+        return run_batches(prepared, self.device, self.dim, self._pooled)
 
     def _pooled(self, batch: PackedBatch) -> Tensor:
-        if self.engine is None:
-            return segment_mean(self.model(batch), batch.cu_seqlens, 1, 1, POOLED_RESIDUES)
-        segments = Segments(batch.cu_seqlens, batch.bounds, batch.max_seqlen, batch.total)
-        hidden = self.engine.hidden(batch, segments, self.attention, self.compile)
+        """The published pooling: the mean over residues 1 .. min(1024, L), <cls> and <eos> left out."""
+        hidden = self.model(batch, self.attention, self.compile)
         return segment_mean(hidden, batch.cu_seqlens, 1, 1, POOLED_RESIDUES, validate=False)
 
     def warm_up(self) -> None:
         """Compile now, so that no real batch waits on the compiler: two batches of different
-        sizes, after which the one dynamic-shape graph serves every batch. Nothing to do for
-        an eager engine."""
-        if self.engine is None or not self.compile:
+        sizes, after which the one dynamic-shape graph serves every batch. Nothing to do
+        when running eagerly."""
+        if not self.compile:
             return
         for count in (3, 24):
-            self._finish(self.run(self.prepare(["M" + "A" * 60] * count)))
+            self.embed(["M" + "A" * 60] * count)
 
     def embed(self, proteins: Sequence[str]) -> Tensor:
         """[len(proteins), dim] float32 on the CPU, in input order."""
-        return self._finish(self.run(self.prepare(proteins)))
-
-    def embed_tokens(self, token_lists: Sequence[Sequence[int]] | Sequence[Tensor]) -> Tensor:
-        """Embed already tokenized sequences (each <cls> ... <eos>), pooled as the published tool does.
-
-        The model sees every token; the embedding is the mean over residues 1 .. min(1024, L),
-        leaving out <cls> and <eos>.
-        """
-        return self._finish(self.run(self.prepare_tokens(*flatten_token_lists(token_lists))))
-
-    @staticmethod
-    def _finish(result: tuple[Tensor, Tensor]) -> Tensor:
-        out, finite = result
-        out, finite = out.cpu(), finite.cpu()
-        raise_if_not_finite("ESM-2", finite)
-        return out
+        return finished("ESM-2", self.run(self.prepare(proteins)))
 
 
 def _lookup_table(alphabet: esm.data.Alphabet) -> np.ndarray:
@@ -494,7 +353,7 @@ def load_esm2(
 ) -> ESM2Encoder:
     """ESM-2 from a fair-esm checkpoint file, or from a fair-esm model name (downloaded once).
 
-    On CUDA the weights are loaded straight into fp16 and the encoder runs the GPU engine;
+    On CUDA the weights are loaded straight into fp16 and the model runs compiled;
     batch_tokens None derives the packed batch size from free GPU memory.
     Raises ModelLoadError, with a message meant for the user, when the source cannot be used.
     """
@@ -590,8 +449,8 @@ def model_from_checkpoint(checkpoint: dict, source: str, device: torch.device,
             vocab_size=len(alphabet),
             mask_idx=alphabet.mask_idx,
             token_dropout=config.token_dropout,
+            dtype=dtype,
         )
-    model.to(dtype)
     model.to_empty(device=device)
     model.lm_head.weight = model.embed_tokens.weight  # to_empty unties them
     state = {CHECKPOINT_PREFIX.sub("", name): tensor for name, tensor in checkpoint["model"].items()}

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CHUNK_LENGTHS = (300, 500)
 
 _CODON_TABLE = {
     "TTT": "F", "TTC": "F", "TTA": "L", "TTG": "L", "CTT": "L", "CTC": "L", "CTA": "L", "CTG": "L",

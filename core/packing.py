@@ -2,13 +2,12 @@
 
 Encoders run on a `PackedBatch`: every token of every sequence in one 1-D tensor, with
 `cu_seqlens` marking where each sequence starts and ends (the layout varlen attention
-kernels take). `pack` fills batches up to a token budget, first-fit-decreasing, so that
-batches are nearly full whatever the mix of lengths; `segment_mean` pools the encoder's
-output back to one vector per sequence.
+kernels take). `pack_flat` fills batches up to a token budget, first-fit-decreasing, so
+that batches are nearly full whatever the mix of lengths; `segment_mean` pools the
+encoder's output back to one vector per sequence.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,23 +63,6 @@ class PackedBatch:
         )
 
 
-def pack(token_lists: Sequence[Sequence[int]] | Sequence[Tensor], budget_tokens: int) -> list[PackedBatch]:
-    """Pack sequences into batches of at most `budget_tokens` tokens, first-fit-decreasing.
-
-    Sequences are taken longest first (ties in input order) and each goes into the first
-    batch with room for it; a sequence longer than the budget gets a batch of its own.
-    The result depends only on the lengths and the budget, never on timing or hashing.
-    """
-    if budget_tokens < 1:
-        raise ValueError(f"budget_tokens must be positive, got {budget_tokens}")
-    lengths = [len(tokens) for tokens in token_lists]
-    if any(length == 0 for length in lengths):
-        raise ValueError("cannot pack an empty sequence")
-    longest_first = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins = _first_fit([lengths[i] for i in longest_first], budget_tokens)
-    return [_build_batch(token_lists, [longest_first[j] for j in members]) for members in bins]
-
-
 def _first_fit(sizes: list[int], capacity: int) -> list[list[int]]:
     """First-fit bin packing in O(n log n): item j goes into the lowest-numbered bin with room.
 
@@ -114,27 +96,14 @@ def _first_fit(sizes: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def _build_batch(token_lists: Sequence[Sequence[int]] | Sequence[Tensor], order: list[int]) -> PackedBatch:
-    pieces = [torch.as_tensor(token_lists[i], dtype=torch.int64).reshape(-1) for i in order]
-    lengths = torch.tensor([len(piece) for piece in pieces], dtype=torch.int64)
-    cu_seqlens = torch.zeros(len(pieces) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = lengths.cumsum(0)
-    starts = cu_seqlens[:-1].to(torch.int64).repeat_interleave(lengths)
-    return PackedBatch(
-        tokens=torch.cat(pieces),
-        cu_seqlens=cu_seqlens,
-        positions=torch.arange(len(starts), dtype=torch.int64) - starts,
-        max_seqlen=int(lengths.max()),
-        order=order,
-    )
-
-
 def pack_flat(flat: np.ndarray, lengths: np.ndarray, budget_tokens: int) -> list[PackedBatch]:
-    """`pack` for sequences given as one concatenated array plus their lengths.
+    """Pack sequences, given as one concatenated array plus their lengths, into batches of at
+    most `budget_tokens` tokens, first-fit-decreasing.
 
-    The same batches as `pack` over the split sequences (same first-fit-decreasing order),
-    built with a few NumPy gathers instead of one tensor per sequence: this is the form the
-    GPU engine's background thread uses for thousands of sequences at a time.
+    Sequences are taken longest first (ties in input order) and each goes into the first
+    batch with room for it; a sequence longer than the budget gets a batch of its own. The
+    result depends only on the lengths and the budget, never on timing or hashing. Batches
+    are built with a few NumPy gathers, not one tensor per sequence.
     """
     if budget_tokens < 1:
         raise ValueError(f"budget_tokens must be positive, got {budget_tokens}")
@@ -240,18 +209,6 @@ class PreparedBatches:
     batches: list[PackedBatch]
     orders: list[Tensor]  # int64 copy of each batch's order, pinned alongside
     count: int
-
-    def pool(self, device: torch.device, dim: int, pooled: Callable[[PackedBatch], Tensor]) -> tuple[Tensor, Tensor]:
-        """Run `pooled` on each batch on `device`: ([count, dim] float32 in input order,
-        [count] bool all-finite), both left on the device so nothing waits for the host."""
-        out = torch.empty(self.count, dim, dtype=torch.float32, device=device)
-        with torch.inference_mode():
-            for host_batch, host_order in zip(self.batches, self.orders):
-                batch = host_batch.to(device)
-                order = host_order.to(device, non_blocking=True)
-                out[order] = pooled(batch)
-            finite = torch.isfinite(out).all(dim=1)
-        return out, finite
 
 
 def prepare_batches(flat: np.ndarray, lengths: np.ndarray, budget: int, pin: bool) -> PreparedBatches:

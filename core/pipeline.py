@@ -76,11 +76,6 @@ class Predictor:
         self.timings = dict.fromkeys(("prepare", "launch", "wait", "results"), 0.0)
 
     @property
-    def is_demo(self) -> bool:
-        """True unless the encoders have the published sizes: scores are then meaningless."""
-        return (self.dnabert.dim, self.esm.dim) != (PUBLISHED_DNA_DIM, PUBLISHED_PROTEIN_DIM)
-
-    @property
     def engine(self) -> dict[str, object]:
         """What runs where, for the log: each encoder's precision, attention backend, compile
         state, and token budget per packed batch."""
@@ -146,8 +141,7 @@ class Predictor:
         group.dna = group.protein = None
         with torch.inference_mode():
             features = torch.cat([dna, protein], dim=1)
-            logits = self.classifier.model(features)
-            probabilities = torch.softmax(logits.float(), dim=1)  # float32, as the published tool
+            probabilities = self.classifier.score(features)
         on_gpu = features.device.type == "cuda"
         group.probabilities = probabilities.to("cpu", non_blocking=on_gpu)
         group.finite = (dna_ok & protein_ok).to("cpu", non_blocking=on_gpu)
@@ -211,7 +205,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise ModelLoadError(f"device {device!r} was asked for but no CUDA GPU is visible; run on the CPU")
     return torch.device(device)
 
 

@@ -226,14 +226,22 @@ def _convert_classifier(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import torch
+    """The bench lives in the source checkout (benchmarks/bench.py), not in the wheel."""
+    import importlib.util
 
-    from core.bench import run_bench
+    import torch
 
     if not args.quick and args.device.startswith("cuda") and not torch.cuda.is_available():
         args.parser.error(f"--device {args.device} but no CUDA GPU is visible; use --quick on a CPU")
-
-    data = run_bench(args.device, args.json, args.quick)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    if not path.is_file():
+        print(f"virnucpro bench runs from a source checkout of VirNucPro ({path} is absent here): "
+              "clone the repository and run `python3 -m job.cli bench` in its root", file=sys.stderr)
+        return exit_codes.USAGE
+    spec = importlib.util.spec_from_file_location("virnucpro_bench", path)
+    bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = bench.run_bench(args.device, args.json, args.quick)
     return exit_codes.OK if not data["errors"] else exit_codes.INTERNAL_ERROR
 
 

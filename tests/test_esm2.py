@@ -10,7 +10,7 @@ import torch
 
 from core.errors import ModelLoadError
 from core.esm2 import ESM2, ESM2Encoder, load_esm2, read_checkpoint, write_demo_checkpoint
-from core.packing import pack
+from oracles import pack
 
 LAYERS = 2
 CPU = torch.device("cpu")

@@ -2,13 +2,13 @@
 
 Packed fp16 embeddings against an fp32 reference on padded or one-at-a-time batches:
 ESM-2 3B against fair-esm itself (fp32, padded, published pooling), DNABERT-S (12 x 768)
-against our fp32 reference path. Every attention backend available on the device, compiled
+against the published loop over our model in fp32 (one sequence per call). Every attention backend available on the device, compiled
 and eager, must give a per-frame cosine >= 0.9999 and no NaN; the worst relative error is
 printed (run with -s to see the summary).
 """
 from __future__ import annotations
 
-import copy
+import argparse
 import gc
 import random
 
@@ -54,8 +54,8 @@ def fp32_is_fp32():
 @pytest.fixture(scope="module")
 def esm_setup():
     esm = pytest.importorskip("esm")
-    from core.bench import fair_esm_published
-    from core.esm2 import ESM2
+    from benchmarks.bench import fair_esm_published
+    from core.esm2 import ESM2Encoder, model_from_checkpoint
 
     torch.manual_seed(0)
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
@@ -64,13 +64,10 @@ def esm_setup():
     rng = random.Random(0)
     proteins = ["".join(rng.choices(AMINO_ACIDS, k=n)) for n in [1, 2, 7, 30, 64, 100, 128, 150] + [166] * 24 + [300, 700]]
     proteins += ["".join(rng.choices(AMINO_ACIDS, k=1100)), "MKV<mask>LLAGW<mask>PQ" * 3]
-    with torch.device("meta"):
-        model = ESM2(36, 2560, 40, len(alphabet), alphabet.mask_idx)
-    model.to(torch.float16).to_empty(device=CUDA)
-    model.lm_head.weight = model.embed_tokens.weight
-    model.load_state_dict(fair.state_dict())
-    from core.esm2 import ESM2Encoder
-
+    config = argparse.Namespace(encoder_layers=36, encoder_embed_dim=2560, encoder_attention_heads=40,
+                                token_dropout=True)
+    model = model_from_checkpoint({"model": fair.state_dict(), "cfg": {"model": config}}, "fair-esm", CUDA,
+                                  torch.float16)
     probe = ESM2Encoder(model, alphabet, CUDA, None, attention="sdpa_padded", compile=False)
     flat, lengths = probe.tokenize_many(proteins)
     token_lists = [t.tolist() for t in torch.from_numpy(flat).split(lengths.tolist())]
@@ -116,15 +113,14 @@ def test_esm2_selected_backend_and_budget_from_free_memory(esm_setup):
 
 @pytest.fixture(scope="module")
 def dna_setup():
-    from core.bench import bpe_tokenizer, dna_published_single
-    from core.dnabert import DNABERTConfig, DNABERTModel, _random_state_dict, load_published_state_dict
+    from benchmarks.bench import bpe_tokenizer, dna_published_single, dnabert_model
+    from core.dnabert import DNABERTConfig
 
-    tokenizer = bpe_tokenizer(4096, 600)
-    config = DNABERTConfig(vocab_size=tokenizer._tokenizer.get_vocab_size(), hidden_size=768,
-                           num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-    model = DNABERTModel(config)
-    load_published_state_dict(model, _random_state_dict(config, seed=0))
-    reference = copy.deepcopy(model).to(CUDA).eval()
+    tokenizer, vocab = bpe_tokenizer(4096, 600)
+    config = DNABERTConfig(vocab_size=vocab, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                           intermediate_size=3072)
+    model = dnabert_model(config, CUDA, torch.float16)
+    reference = dnabert_model(config, CUDA, torch.float32)  # the same weights
     rng = random.Random(1)
     reads = ["".join(rng.choices("ACGT", k=n)) for n in [1, 7, 60, 150, 299, 300, 3000] + [499] * 40 + [498] * 20]
     flat, lengths = tokenizer.encode_many(reads)
