@@ -38,4 +38,4 @@ class RunConfig:
     max_attempts: int = 3
     s3_endpoint_url: str | None = None
     model_cache: str = field(default="~/.cache/virnucpro/models")
-    imds_url: str = "http://169.254.169.254"
+    imds_url: str = "auto"  # job/spot.py: polled only on EC2 / AWS platforms, or this URL
