@@ -121,3 +121,21 @@ def test_every_container_and_infra_file_is_documented() -> None:
               and not path.name.startswith(".terraform")]
     undocumented = [str(path.relative_to(ROOT)) for path in files if path.name not in docs]
     assert not undocumented, f"name these in README.md or infra/README.md: {undocumented}"
+
+
+def test_dockerfile_is_portable_no_stage_chosen_by_an_argument() -> None:
+    """buildah and podman resolve `FROM ${ARG}` only to images: a stage name from an ARG
+    builds under BuildKit alone. Every variable base must be an image; COPY --from names stages."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.MULTILINE))
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.MULTILINE))
+    for base in re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE):
+        for variable in re.findall(r"\$\{?(\w+)\}?", base):
+            assert variable in defaults, f"FROM {base}: {variable} has no default"
+            assert defaults[variable] not in stages and ":" in defaults[variable], f"FROM {base} picks a stage"
+        if "$" not in base:
+            assert base in stages or ":" in base, f"FROM {base}: neither a stage nor a tagged image"
+    for source in re.findall(r"--from=(\S+)", dockerfile):
+        assert source in stages, f"COPY --from={source} is not a stage"
+    assert {"runtime", "flash-attn", "with-models", "flash-attn-with-models"} <= stages
+    assert dockerfile.rstrip().endswith("FROM runtime")  # the default target
