@@ -50,9 +50,10 @@ FROM python AS deps
 # (TORCH_VERSION=2.13.0+cpu, the index of its choice).
 ARG TORCH_VERSION=2.11.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-# The distribution's venv seeds an old pip: a current one resolves the s3fs/boto3 pins far faster.
+# The distribution's venv seeds an old pip. s3fs pins aiobotocore, which pins botocore, which
+# boto3 must match: pip 26.3 resolves that in seconds, pip 25.0 backtracked for many minutes.
 RUN python3.11 -m venv /opt/venv \
-    && /opt/venv/bin/pip install pip==25.0.1
+    && /opt/venv/bin/pip install pip==26.3
 ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 # Dependencies are read out of pyproject.toml, so editing the source does not redo this
