@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--retry-failed", action="store_true", help="a run that ended _FAILED: run its failed shards again, keeping all committed work")
     batch.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     batch.add_argument("--model-cache", default=RunConfig.model_cache, help="where s3:// models are downloaded (default: %(default)s)")
-    batch.add_argument("--imds-url", default=RunConfig.imds_url, help="EC2 metadata service polled for spot notices (default: %(default)s)")
+    batch.add_argument("--imds-url", default=RunConfig.imds_url, help="EC2 metadata service polled for spot notices; auto (default): polled only on EC2 or AWS Batch/ECS/EKS, never elsewhere")
     run.set_defaults(handler=_run, parser=run)
 
     status = commands.add_parser("status", help="progress of a batch run: shards, reads/s, ETA")

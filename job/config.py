@@ -39,4 +39,4 @@ class RunConfig:
     retry_failed: bool = False  # a run that ended _FAILED: run its failed shards again
     s3_endpoint_url: str | None = None
     model_cache: str = field(default="~/.cache/virnucpro/models")
-    imds_url: str = "http://169.254.169.254"
+    imds_url: str = "auto"  # job/spot.py: polled only on EC2 / AWS platforms, or this URL

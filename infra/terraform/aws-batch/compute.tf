@@ -102,7 +102,8 @@ resource "aws_batch_compute_environment" "gpu" {
       image_type = var.ecs_image_type
     }
 
-    tags = merge({ Name = "${var.name}-${each.key}" }, var.tags)
+    # Applied to the instances (the provider's default_tags do not reach them).
+    tags = merge({ Project = var.name, Name = "${var.name}-${each.key}" }, var.tags)
   }
 
   # A replaced environment must exist before the queue lets go of the old one.

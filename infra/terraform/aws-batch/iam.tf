@@ -86,11 +86,20 @@ data "aws_iam_policy_document" "job" {
     sid = "WriteRuns"
     actions = [
       "s3:PutObject",
-      "s3:DeleteObject",
       "s3:AbortMultipartUpload",
       "s3:ListMultipartUploadParts",
     ]
     resources = [for p in local.write_prefixes : "${aws_s3_bucket.runs.arn}/${p}*"]
+  }
+
+  # The job deletes only its own state (committed parts after the merge, write probes), all
+  # under <run>/_run/: the outputs of a run (prediction_results.txt, reads.tsv, _SUCCESS, ...)
+  # cannot be deleted by any job. One role serves every run, so a job could still overwrite
+  # another run's files: infra/README.md ("Least privilege") says how to narrow that.
+  statement {
+    sid       = "DeleteRunState"
+    actions   = ["s3:DeleteObject"]
+    resources = [for p in local.write_prefixes : "${aws_s3_bucket.runs.arn}/${p}*/_run/*"]
   }
 }
 

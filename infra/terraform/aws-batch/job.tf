@@ -47,10 +47,13 @@ resource "aws_batch_job_definition" "job" {
     linuxParameters = { sharedMemorySize = var.shared_memory_mib }
   })
 
-  # First match wins. A reclaimed spot instance ("Host EC2 (instance i-...) terminated.") and
-  # an interrupted job (exit 75: flushed and safe to rerun) get another attempt, which resumes
-  # the same shards from the run's checkpoints; every other failure (65 bad input, 3 shards
-  # failed, 1 internal error) ends the job at once.
+  # First match wins (at most 5 rules; an attempt that matches none would be retried, hence
+  # the catch-all). Retried, each attempt resuming the same shards from the run's checkpoints:
+  # a reclaimed spot or failed host ("Host EC2 (instance i-...) terminated."), a container
+  # that never started ("Task failed to start": CannotPullContainerError and the like), an
+  # interrupted job (exit 75: flushed, safe to rerun) and an internal error (exit 1: may be
+  # transient). Never retried: exit 2 (command line), 3 (shards failed --max-attempts times),
+  # 65 (bad input), or anything else, e.g. a kill at the attempt timeout.
   retry_strategy {
     attempts = var.retry_attempts
 
@@ -60,7 +63,17 @@ resource "aws_batch_job_definition" "job" {
     }
 
     evaluate_on_exit {
+      on_status_reason = "Task failed to start*"
+      action           = "RETRY"
+    }
+
+    evaluate_on_exit {
       on_exit_code = "75"
+      action       = "RETRY"
+    }
+
+    evaluate_on_exit {
+      on_exit_code = "1"
       action       = "RETRY"
     }
 

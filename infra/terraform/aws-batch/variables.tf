@@ -114,9 +114,9 @@ variable "on_demand_max_vcpus" {
 }
 
 variable "ecs_image_type" {
-  description = "Batch-managed AMI family of the instances: ECS_AL2_NVIDIA, or ECS_AL2023_NVIDIA where the account's region offers it."
+  description = "Batch-managed AMI family of the instances. ECS_AL2023_NVIDIA (Amazon Linux 2023, NVIDIA driver 580) is new enough for the image's CUDA 12.8 (driver >= 570); ECS_AL2_NVIDIA carries driver 550 (CUDA 12.4) and cannot run it (only an image built with --build-arg CUDA_VERSION=12.4.1 and cu124 torch)."
   type        = string
-  default     = "ECS_AL2_NVIDIA"
+  default     = "ECS_AL2023_NVIDIA"
 }
 
 variable "root_volume_gib" {
@@ -146,7 +146,7 @@ variable "shared_memory_mib" {
 }
 
 variable "retry_attempts" {
-  description = "Attempts per job (or per array child), 1-10. Spot reclaims and interruptions (exit 75) are retried; any other failure is not."
+  description = "Attempts per job (or per array child), 1-10. Spot reclaims, start-up failures, interruptions (exit 75) and internal errors (exit 1) are retried, all counting against this; exits 2, 3 and 65 never are."
   type        = number
   default     = 5
 
