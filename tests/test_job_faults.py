@@ -184,7 +184,8 @@ def test_a_stop_mid_group_releases_the_lease_within_the_grace_period(demo_models
     stopped = time.monotonic()
     job.process.send_signal(signal.SIGTERM)
     assert job.wait(timeout=60) == 75, job.log_text
-    assert time.monotonic() - stopped < 2 + 3, "the worker did not stop within the grace period"
+    # Before the parent's kill (grace + 5 s; its group alone takes far longer), loaded machines included.
+    assert time.monotonic() - stopped < 2 + 5 + 3, "the worker did not stop within the grace period"
     events = [e["event"] for e in job.events]
     assert "killing_workers" not in events and "shard_released" in events, job.log_text
     state = shard_states(str(out))[0]
@@ -203,7 +204,8 @@ def test_workers_stop_within_the_grace_period_when_their_parent_dies(demo_models
     killed = time.monotonic()
     job.wait(timeout=30)
     while any(Path(f"/proc/{pid}").exists() for pid in workers):
-        assert time.monotonic() - killed < 1 + 2 + 3, "a worker outlived its parent past the grace period"
+        # 1 s to notice, 2 s of grace, and slack for a loaded machine; its group alone takes far longer
+        assert time.monotonic() - killed < 1 + 2 + 7, "a worker outlived its parent past the grace period"
         time.sleep(0.1)
     assert shard_states(str(out))[0].owner is None  # it gave its lease back
 
