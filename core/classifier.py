@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import ModelLoadError, UserError
+from core.frames import KNOWN_CHUNK_LENGTHS
 
 NUM_CLASSES = 2  # class 0 "others" (score1), class 1 "virus" (score2)
-KNOWN_CHUNK_LENGTHS = (300, 500)
 SAFETENSORS_FORMAT = "virnucpro-mlp"
 _BN_EPS = 1e-5  # nn.BatchNorm1d's default, which the published model uses
 

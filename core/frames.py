@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The chunk lengths the published classifiers were trained on (300_model.pth, 500_model.pth).
+KNOWN_CHUNK_LENGTHS = (300, 500)
+
 
 _CODON_TABLE = {
     "TTT": "F", "TTC": "F", "TTA": "L", "TTG": "L", "CTT": "L", "CTC": "L", "CTA": "L", "CTG": "L",

@@ -218,10 +218,12 @@ def load_predictor(
     device: str = "auto",
     batch_tokens: int | None = None,
     compile: bool = True,
+    group_reads: int = 512,
 ) -> Predictor:
     """Load the three models from local paths (or names the libraries can resolve).
 
-    compile=False keeps the GPU engine eager (slower; for debugging the compiler away)."""
+    compile=False keeps the GPU engine eager (slower; for debugging the compiler away);
+    `group_reads` reads are scored together (see `Predictor`)."""
     target = resolve_device(device)
     scorer = load_classifier(classifier, target)
     length = check_chunk_length(scorer, chunk_length, force_chunk_length)
@@ -231,6 +233,7 @@ def load_predictor(
         load_esm2(esm_model, target, batch_tokens, compile=compiled),
         scorer,
         length,
+        group_reads,
     )
 
 

@@ -142,6 +142,9 @@ class _BatchRun:
         demo_models = feature_dim != PUBLISHED_DNA_DIM + PUBLISHED_PROTEIN_DIM
         if demo_models:
             self.log.warning("demo_models", message=DEMO_WARNING)
+        # The workers get the user's config with the models made local (downloaded from S3 and
+        # checksummed once here, so every worker loads the same bytes) and the chunk length
+        # resolved from the classifier: nothing else differs.
         worker_config = replace(
             self.config,
             esm_model=models["esm_model"].path,

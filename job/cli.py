@@ -13,6 +13,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from core.frames import KNOWN_CHUNK_LENGTHS
 from core.errors import UserError
 from job import exit_codes
 from job.config import RunConfig
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         "translate", help="chunk and six-frame translate a FASTA or FASTQ file (the published tool's files)"
     )
     translate.add_argument("--input", required=True, help="FASTA or FASTQ file, plain or gzip")
-    translate.add_argument("--chunk-length", type=int, choices=(300, 500), required=True)
+    translate.add_argument("--chunk-length", type=int, choices=KNOWN_CHUNK_LENGTHS, required=True)
     translate.add_argument("--out-dir", required=True, help="writes chunked.fa, identified_nucleotide.fa, identified_protein.faa")
     translate.set_defaults(handler=_translate)
 
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--esm-model", required=True, help="fair-esm checkpoint file (or s3:// URI) or model name")
     run.add_argument("--dnabert-model", required=True, help="DNABERT-S Hugging Face directory (or s3:// prefix) or hub id")
     run.add_argument("--classifier", required=True, help="published .pth or converted .safetensors (or s3:// URI)")
-    run.add_argument("--chunk-length", type=int, choices=(300, 500), help="default: the classifier's")
+    run.add_argument("--chunk-length", type=int, choices=KNOWN_CHUNK_LENGTHS, help="default: the classifier's")
     run.add_argument("--force-chunk-length", action="store_true", help="allow a chunk length the classifier was not trained for")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--batch-tokens", type=int, help="tokens per packed batch (default: from free memory)")
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert-classifier", help="published .pth -> .safetensors (no code executed)")
     convert.add_argument("source")
     convert.add_argument("destination")
-    convert.add_argument("--chunk-length", type=int, choices=(300, 500), help="default: from the file name")
+    convert.add_argument("--chunk-length", type=int, choices=KNOWN_CHUNK_LENGTHS, help="default: from the file name")
     convert.set_defaults(handler=_convert_classifier)
 
     bench = commands.add_parser("bench", help="time the GPU engine against the published paths (random weights)")

@@ -24,7 +24,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from job import s3
 from job.errors import BadInput
 
-GZIP_MAGIC = b"\x1f\x8b"
 READ_SUFFIXES = (".fa", ".fasta", ".fna", ".ffn", ".fas", ".seq", ".fastq", ".fq")
 READ_BLOCK = 8 * 2**20
 STREAM_RETRIES = 5  # re-GETs of an S3 input's rest after its stream broke

@@ -57,10 +57,10 @@ from typing import BinaryIO
 import numpy as np
 from isal import igzip
 
-from core.reads import ReadsError, Record, read_records
+from core.reads import GZIP_MAGIC, ReadsError, Record, read_records
 from core.scan import RecordScanner
 from job.errors import BadInput, Interrupted
-from job.inputs import GZIP_MAGIC, InputChanged, InputObject, open_input, stat_input
+from job.inputs import InputChanged, InputObject, open_input, stat_input
 from job.log import get_logger
 from job.seen import SeenIds
 from job.store import Store

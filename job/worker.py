@@ -384,9 +384,8 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
         torch.set_num_threads(1)
     predictor = load_predictor(
         config.esm_model, config.dnabert_model, config.classifier, config.chunk_length,
-        config.force_chunk_length, config.device, config.batch_tokens, config.compile,
+        config.force_chunk_length, config.device, config.batch_tokens, config.compile, config.group_reads,
     )
-    predictor.group_reads = config.group_reads
     device = str(resolve_device(config.device))
     if stop.is_set():
         return exit_codes.INTERRUPTED
