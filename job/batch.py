@@ -119,6 +119,8 @@ class _BatchRun:
             "chunk_length": chunk_length,
             "write_features": self.config.write_features,
             "group_reads": self.config.group_reads,
+            "min_virus_score": self.config.min_virus_score,
+            "write_viral_reads": self.config.write_viral_reads,
         }
         # A finished run too is checked against these inputs and models (refused with 65).
         header = plan_header(store, inputs, settings, self.config.shard_reads, self.endpoint)
@@ -174,6 +176,7 @@ class _BatchRun:
             demo_models=demo_models,
             endpoint_url=self.endpoint,
             lease_seconds=self.config.lease_seconds,
+            gpu_hour_price=self.config.gpu_hour_price,
         )
         return _report(*self._finish(store, plan, merge_inputs))
 
@@ -321,6 +324,8 @@ def _check_numbers(config: RunConfig) -> None:
     ):
         if value < least:
             raise BadInput(f"{flag} must be at least {least}, not {value}")
+    if config.min_virus_score is not None and not 0 <= config.min_virus_score <= 1:
+        raise BadInput(f"--min-virus-score is a probability, from 0 to 1, not {config.min_virus_score}")
 
 
 def _check_writable(store: Store, owner: str) -> None:
