@@ -22,6 +22,7 @@ failure (a stop, a killed worker, a full local disk) exits 75 with a one-line re
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import socket
@@ -41,17 +42,18 @@ from job.errors import BadInput, Interrupted, disk_error_code, disk_error_messag
 from job.inputs import resolve_inputs
 from job.lease import ExpiryObserver, Renewer
 from job.lease import claim as take_claim
-from job.log import get_logger
+from job.log import for_people, get_logger
 from job.merge import DEMO_WARNING, FAILED, MERGE_KEY, MergeClaim, MergeInputs, merge, read_marker
 from job.models import localize_model
 from job.plan import PLANNER_KEY, Plan, Planner, load_plan, plan_header
 from job.shards import charge_dead_worker, reopen_failed
 from job.spot import SpotWatcher
-from job.status import run_status
+from job.status import RunStatus, run_status
 from job.store import Store, open_store
 from job.worker import WorkerSpec, command, owner_prefix
 
 PROGRESS_SECONDS = 30.0
+BAR_SECONDS = 1.0  # the progress bar's refresh (a terminal is watched by a person)
 KILL_MARGIN_SECONDS = 5.0  # on top of --grace-seconds before stragglers are killed
 
 
@@ -210,6 +212,7 @@ class _BatchRun:
             processes.append(subprocess.Popen(command(spec), env=env))
         self.log.info("workers_started", workers=count, gpus=len(gpus))
         deadline = None
+        bar = for_people(self.config.log_format)  # a progress bar instead of JSON progress lines
         last_progress = time.monotonic()
         killed: list[str] = []
         charged: set[int] = set()
@@ -231,12 +234,17 @@ class _BatchRun:
             if deadline is not None and time.monotonic() > deadline:
                 self.log.error("killing_workers", message="workers did not stop within the grace period")
                 _signal_all(processes, signal.SIGKILL)
-            if time.monotonic() - last_progress >= PROGRESS_SECONDS:
+            if time.monotonic() - last_progress >= (BAR_SECONDS if bar else PROGRESS_SECONDS):
                 last_progress = time.monotonic()
                 status = run_status(store)
-                if status is not None:
+                if status is not None and bar:
+                    _show_bar(status)
+                elif status is not None:
                     self.log.info("progress", **status.as_dict())
             time.sleep(0.2)
+        if bar and (status := run_status(store)) is not None:
+            _show_bar(status)
+            print(file=sys.stderr, flush=True)  # the bar's last state stays on screen
         return [process.returncode for process in processes], killed
 
     def _charge(self, store: Store, plan: Plan, process: subprocess.Popen) -> str:
@@ -357,6 +365,12 @@ def _visible_gpus(config: RunConfig) -> list[str]:
     count = torch.cuda.device_count()
     listed = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return (listed or [str(i) for i in range(count)])[:count]
+
+
+def _show_bar(status: RunStatus) -> None:
+    """Redraw the progress bar in place (the line `virnucpro status` prints)."""
+    width = shutil.get_terminal_size((100, 20)).columns - 1
+    print(f"\r{status.bar(width)}\x1b[K", end="", file=sys.stderr, flush=True)
 
 
 def _signal_all(processes: list[subprocess.Popen], signum: int) -> None:

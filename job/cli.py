@@ -22,7 +22,7 @@ from job.log import configure, get_logger
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    configure()
+    configure(getattr(args, "log_format", "json"))
     try:
         return args.handler(args)
     except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
@@ -204,7 +204,7 @@ def _status(args: argparse.Namespace) -> int:
     if status is None:
         print(f"virnucpro: error: no run under {args.output} (no plan yet); check the URI", file=sys.stderr)
         return exit_codes.BAD_INPUT
-    print(json.dumps(status.as_dict(), indent=2) if args.json else status.line())
+    print(json.dumps(status.as_dict(), indent=2) if args.json else f"{status.bar()}\n{status.line()}")
     return exit_codes.OK
 
 

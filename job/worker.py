@@ -362,9 +362,9 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # first: a stop during start-up exits 75 too
         signal.signal(signum, lambda *_: stop.set())
-    configure()
     spec = WorkerSpec.from_json(argv[0])
     config = spec.config
+    configure(config.log_format)
     started: list[Worker] = []
     threading.Thread(target=_watch_parent, args=(spec.parent_pid, stop), daemon=True).start()
     threading.Thread(target=_exit_within_grace, args=(stop, config.grace_seconds, started), daemon=True).start()
