@@ -236,7 +236,7 @@ def test_no_compile_flows_from_the_command_line_to_the_encoders(tmp_path, monkey
     assert main(["make-demo-models", str(tmp_path)]) == 0
     models = [str(tmp_path / "esm2_demo.pt"), str(tmp_path / "dnabert_demo"), str(tmp_path / "classifier_500.pth")]
     configs = []
-    monkeypatch.setattr(job.batch, "run_batch", lambda config: configs.append(config) or 0)
+    monkeypatch.setattr(job.batch, "run_batch", lambda config, *_: configs.append(config) or 0)
     common = ["run", "--input", "x.fa", "--output", str(tmp_path / "out"), "--esm-model", models[0],
               "--dnabert-model", models[1], "--classifier", models[2]]
     assert main(common) == 0 and main([*common, "--no-compile"]) == 0
