@@ -131,7 +131,7 @@ def _length_plot(total: InputStats) -> Figure:
 
 def _file_plot(stats: RunStats) -> Figure:
     ranked = sorted(stats.inputs.items(), key=lambda item: -item[1].reads)[:MAX_FILES_PLOTTED]
-    fig, ax = _axes(height=max(2.8, 0.35 * len(ranked) + 1.2))
+    fig, ax = _axes(height=min(2.8, 0.35 * len(ranked) + 1.6) if len(ranked) < 6 else 0.35 * len(ranked) + 1.2)
     counts = np.array([
         [_calls(counts, call) for _name, counts in ranked]
         for call in CALLS
@@ -203,7 +203,7 @@ def _finish(ax, count: float, empty: str = "no reads") -> None:  # noqa: ANN001
     if not count:
         ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="#7b7d7d")
     elif ax.get_legend_handles_labels()[0]:
-        ax.legend(frameon=False, fontsize=8)
+        ax.legend(frameon=False, fontsize=8, ncols=3, loc="lower left", bbox_to_anchor=(0, 1.0))  # above the bars
 
 
 def _figure(title: str, fig: Figure) -> str:
