@@ -22,7 +22,6 @@ failure (a stop, a killed worker, a full local disk) exits 75 with a one-line re
 from __future__ import annotations
 
 import json
-import shutil
 import os
 import signal
 import socket
@@ -369,7 +368,11 @@ def _visible_gpus(config: RunConfig) -> list[str]:
 
 def _show_bar(status: RunStatus) -> None:
     """Redraw the progress bar in place (the line `virnucpro status` prints)."""
-    width = shutil.get_terminal_size((100, 20)).columns - 1
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns  # 0 on a terminal that never said
+    except OSError:
+        columns = 0
+    width = (columns or 100) - 1
     print(f"\r{status.bar(width)}\x1b[K", end="", file=sys.stderr, flush=True)
 
 
