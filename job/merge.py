@@ -177,8 +177,7 @@ def _assemble(
                 rows = decode_rows(rows_data)
                 predictions.writelines(rows.predictions)
                 reads.writelines(rows.reads)
-                for line in rows.reads:
-                    stats.add_row(line)
+                stats.add_counts(rows.counts)
                 if viral is not None:
                     viral.writelines(viral_fasta(rows.viral or ()))
                 highest.add(rows.highest)

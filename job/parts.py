@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from core.outputs import ChunkConsensus, format_score, prediction_lines, reads_line, thresholded, virus_chunks
+from job.summary import RunStats
 
 if TYPE_CHECKING:  # the merge and `status` read parts without loading torch
     from core.pipeline import ReadResult
@@ -28,6 +29,7 @@ class PartRows:
     predictions: list[str]  # prediction_results.txt lines, one per kept frame
     highest: list[str]  # prediction_results_highestscore.csv lines, sorted by chunk id
     outcomes: dict[str, int]  # reads per call, or per reason for reads not called
+    counts: dict[str, dict]  # the rows' counts per input (job/summary.py), added up by the merge
     # With --write-viral-reads: [id, sequence, max P(virus), input] of each read called virus.
     # The part carries them (not the merge re-reading the inputs): virus calls are a small
     # share of a sample's reads, while re-reading would fetch and parse every input again.
@@ -44,7 +46,7 @@ def _outcome(call: str, reason: str) -> str:
 
 
 def encode_rows(
-    results: list[ReadResult], sources: list[str], min_virus_score: float | None = None,
+    results: list[ReadResult], sources: list[str], chunk_length: int, min_virus_score: float | None = None,
     sequences: list[str] | None = None,
 ) -> tuple[bytes, int]:
     """The part's rows as JSON, and its number of frames.
@@ -52,6 +54,7 @@ def encode_rows(
     `sources`: each read's input file; `min_virus_score`: the run's threshold (None: the
     published rule); `sequences`: the reads' letters, given with --write-viral-reads.
     """
+    counts = RunStats([], chunk_length)
     consensus = ChunkConsensus()
     predictions: list[str] = []
     reads: list[str] = []
@@ -62,6 +65,7 @@ def encode_rows(
         consensus.add(result.frames)
         summary = thresholded(result.summary, min_virus_score)
         reads.append(reads_line(summary, virus_chunks(result.frames, min_virus_score), sources[i]))
+        counts.add_row(reads[-1])
         outcomes[_outcome(summary.call, summary.reason)] += 1
         if sequences is not None and summary.call == "virus":
             viral.append([summary.read_id, sequences[i], format_score(summary.max_virus_score), sources[i]])
@@ -71,6 +75,7 @@ def encode_rows(
         "highest": consensus.lines(),
         "outcomes": outcomes,
         "viral": viral if sequences is not None else None,
+        "counts": counts.counts_json(),
     }
     return json.dumps(body, separators=(",", ":")).encode(), len(predictions)
 

@@ -1,11 +1,14 @@
-"""Per-input counts of a run, accumulated row by row while the merge writes `reads.tsv`.
+"""Per-input counts of a run: each worker counts the reads.tsv rows of its part, the merge
+adds the parts' counts (and counts the rows it writes itself, those of failed shards).
 
 Everything here is a count or a fixed-size histogram, so memory does not grow with the
 number of reads: `summary.tsv`, the short-read warning and the report's plots are all drawn
-from these counts, never from a list of every score.
+from these counts, never from a list of every score. Counting in the workers spreads the
+per-row cost (benchmarks/summary_rows.py) over them instead of adding it to the merge.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -35,8 +38,26 @@ class InputStats:
     virus_chunks: int = 0
     shorter: int = 0  # reads shorter than the chunk length
     much_shorter: int = 0  # reads shorter than half the chunk length
-    scores: np.ndarray = field(default_factory=lambda: np.zeros((2, SCORE_BINS), np.int64))  # virus, others
-    lengths: np.ndarray = field(default_factory=lambda: np.zeros((len(CALLS), len(LENGTH_EDGES) + 1), np.int64))
+    # Histograms as plain lists: one increment per read costs less than on numpy arrays.
+    score_counts: list[list[int]] = field(default_factory=lambda: [[0] * SCORE_BINS for _ in range(2)])  # virus, others
+    length_counts: list[list[int]] = field(default_factory=lambda: [[0] * (len(LENGTH_EDGES) + 1) for _ in CALLS])
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Reads per P(virus) bin, [virus, others] x SCORE_BINS."""
+        return np.array(self.score_counts, np.int64)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Reads per length bin, CALLS x (len(LENGTH_EDGES) + 1)."""
+        return np.array(self.length_counts, np.int64)
+
+    def to_json(self) -> dict:
+        return {**vars(self), "outcomes": dict(self.outcomes)}
+
+    @classmethod
+    def from_json(cls, body: dict) -> InputStats:
+        return cls(**{**body, "outcomes": Counter(body["outcomes"])})
 
     def add(self, other: InputStats) -> None:
         self.reads += other.reads
@@ -45,8 +66,8 @@ class InputStats:
         self.virus_chunks += other.virus_chunks
         self.shorter += other.shorter
         self.much_shorter += other.much_shorter
-        self.scores += other.scores
-        self.lengths += other.lengths
+        for mine, theirs in zip(self.score_counts + self.length_counts, other.score_counts + other.length_counts):
+            mine[:] = [a + b for a, b in zip(mine, theirs)]
 
 
 class RunStats:
@@ -68,9 +89,16 @@ class RunStats:
         stats.shorter += n < self.chunk_length
         stats.much_shorter += 2 * n < self.chunk_length
         if score != "NA":
-            column = min(int(float(score) * SCORE_BINS), SCORE_BINS - 1)
-            stats.scores[0 if call == "virus" else 1, column] += 1
-        stats.lengths[CALLS.index(call), int(np.searchsorted(LENGTH_EDGES, n, side="right"))] += 1
+            stats.score_counts[call != "virus"][min(int(float(score) * SCORE_BINS), SCORE_BINS - 1)] += 1
+        stats.length_counts[CALLS.index(call)][bisect_right(LENGTH_EDGES, n)] += 1
+
+    def add_counts(self, counts: dict[str, dict]) -> None:
+        """Counts per input as `counts_json` wrote them (a part's)."""
+        for source, body in counts.items():
+            self.inputs.setdefault(source, InputStats()).add(InputStats.from_json(body))
+
+    def counts_json(self) -> dict[str, dict]:
+        return {source: stats.to_json() for source, stats in self.inputs.items() if stats.reads}
 
     def total(self) -> InputStats:
         total = InputStats()

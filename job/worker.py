@@ -284,7 +284,8 @@ class Worker:
         stem = f"_run/parts/{state.index:05d}/{self.owner}-a{state.attempt}-{len(state.parts):04d}"
         sequences = [self.sequences.popleft() for _ in results] if self.plan.settings.get("write_viral_reads") else None
         sources = read_sources(self.plan, self.plan.shards[state.index], state.reads_done, len(results))
-        rows, frames = encode_rows(results, sources, self.plan.settings.get("min_virus_score"), sequences)
+        settings = self.plan.settings
+        rows, frames = encode_rows(results, sources, settings["chunk_length"], settings.get("min_virus_score"), sequences)
         # Written only while the lease is still ours (renewed just now), and deleted again if
         # the commit is refused: a worker that lost its shard leaves no part behind.
         if not lease.renew(max(lease.state.processed, lease.state.reads_done + len(results))):
