@@ -6,6 +6,7 @@ show what a C parser would buy; gzip inflate alone with Python's zlib, isal and 
 and the planner's `core.scan.RecordScanner` on plain bytes. Reads are generated:
 Illumina-style 150 bp FASTQ with Casava descriptions, FASTA of the same reads.
 
+    python3 -m pip install dnaio zlib-ng   # the comparison rows only; not dependencies
     python3 benchmarks/read_throughput.py [--reads 400000] [--repeat 3]
 
 Each figure is the best of `--repeat` runs, in reads per CPU-second of this process (wall

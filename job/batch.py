@@ -101,7 +101,11 @@ class _BatchRun:
         if self.stop.is_set():
             raise Interrupted("stopped during start-up")
         store = open_store(self.config.output, self.endpoint)
-        if read_marker(store) is None or self.config.retry_failed:  # nothing is written after the marker
+        try:
+            finished = read_marker(store)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise _unusable_output(store, exc) from None
+        if finished is None or self.config.retry_failed:  # nothing is written after the marker
             _check_writable(store, self.owner)
         inputs = resolve_inputs(self.config.inputs, self.endpoint)
         models = {
@@ -341,11 +345,15 @@ def _check_writable(store: Store, owner: str) -> None:
         store.put(probe, b"")
         store.delete([probe])
     except (ClientError, BotoCoreError, OSError) as exc:
-        raise BadInput(
-            f"cannot write to output {store.uri} ({type(exc).__name__}: {exc}); check that the "
-            "bucket or directory exists and these credentials may write and delete there, or "
-            "choose another --output"
-        ) from None
+        raise _unusable_output(store, exc) from None
+
+
+def _unusable_output(store: Store, exc: Exception) -> BadInput:
+    return BadInput(
+        f"cannot write to output {store.uri} ({type(exc).__name__}: {exc}); check that the "
+        "bucket or directory exists and these credentials may write and delete there, or "
+        "choose another --output"
+    )
 
 
 def _all_final(store: Store, plan: Plan) -> bool:
