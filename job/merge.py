@@ -17,8 +17,8 @@ rewrite the marker of a finished run. After `_SUCCESS` the parts are deleted; af
 from __future__ import annotations
 
 import hashlib
-import io
 import heapq
+import io
 import json
 import tempfile
 import threading
@@ -41,7 +41,6 @@ from job.features import FeatureWriter
 from job.lease import Claim, ExpiryObserver, Lease, Renewer
 from job.lease import claim as take_claim
 from job.log import get_logger
-from job.report import render_report
 from job.parts import decode_features, decode_rows, read_sources
 from job.plan import INPUT_COPIES, Plan, shard_records
 from job.shards import Part, ShardState, read_shard
@@ -228,6 +227,8 @@ def _assemble(
         summary["short_reads_warning"] = short
         get_logger(run_id=plan.run_id).warning("short_reads", message=short)
     (tmp / SUMMARY).write_text(stats.tsv())
+    from job.report import render_report  # matplotlib: loaded by the merge only, not by `status` or the workers
+
     (tmp / REPORT).write_text(render_report(summary, stats, parts, plan.created_at, inputs.gpu_hour_price))
     return summary
 
@@ -236,7 +237,7 @@ def _assemble(
 def _viral_writer(path: Path) -> Iterator[TextIO]:
     """viral_reads.fa.gz as text; no name or time in the gzip header, so the bytes depend on the reads only."""
     with open(path, "wb") as raw, igzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
-        with io.TextIOWrapper(gz, encoding="ascii", errors="replace", newline="\n") as text:
+        with io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as text:
             yield text
 
 
