@@ -315,7 +315,7 @@ def test_a_zombie_resuming_after_the_merge_writes_nothing(tmp_path: Path) -> Non
     zombie = Worker(WorkerSpec(run_config, 0, 1, 0), store, plan_of(store), FakePredictor(5), "cpu", threading.Event())
     lease = claim(store, 0, zombie.owner, 1.0, "cpu", ExpiryObserver())
     plan = plan_of(store)
-    results = list(FakePredictor(5).predict(shard_records(plan, plan.shards[0], None)))
+    results = list(FakePredictor(5).predict(shard_records(plan, plan.shards[0], None, store)))
     clock = FakeClock(0.0)  # the zombie is stopped; another worker sees its lease run out
     heir_observer = ExpiryObserver(clock)
     assert claim(store, 0, "heir", 60.0, "cpu", heir_observer) is None
