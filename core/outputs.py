@@ -1,12 +1,15 @@
 """Text of the output files: the published tool's formats byte for byte, and `reads.tsv`.
 
+Scores: the published files' `score1` is P(others) and `score2` is P(virus), the classifier's
+softmax for one frame; `reads.tsv` names the read's best `score2` `max_p_virus`.
+
 Only formatting lives here; where the bytes go (a local directory, S3 parts and a merge)
 is the job's business.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -14,7 +17,7 @@ from core.frames import Chunk, Frame
 
 PREDICTION_HEADER = "Sequence_ID\tPrediction\tscore1\tscore2\n"
 HIGHEST_HEADER = "Modified_ID\tIs_Virus\n"
-READS_HEADER = "read_id\tlength\tchunks\tkept_frames\tmax_virus_score\tcall\treason\n"
+READS_HEADER = "read_id\tlength\tchunks\tkept_frames\tmax_p_virus\tcall\treason\tvirus_chunks\tinput\n"
 FASTA_WIDTH = 60
 
 
@@ -75,8 +78,12 @@ class ChunkConsensus:
                 max(virus, frame.score_virus),
             )
 
-    def calls(self) -> dict[str, bool]:
-        return {chunk: bool(virus >= others) for chunk, (others, virus) in self._best.items()}
+    def calls(self, min_virus_score: float | None = None) -> dict[str, bool]:
+        """Chunk -> virus?, by the published rule, or max P(virus) >= min_virus_score when given."""
+        if min_virus_score is None:
+            return {chunk: bool(virus >= others) for chunk, (others, virus) in self._best.items()}
+        threshold = np.float32(min_virus_score)
+        return {chunk: bool(virus >= threshold) for chunk, (_others, virus) in self._best.items()}
 
     def lines(self) -> list[str]:
         """prediction_results_highestscore.csv rows, sorted by chunk id (plain string order)."""
@@ -90,11 +97,30 @@ def chunk_calls(frames: Iterable[FrameScore]) -> dict[str, bool]:
     return consensus.calls()
 
 
-def reads_line(summary: ReadSummary) -> str:
+def virus_chunks(frames: Iterable[FrameScore], min_virus_score: float | None) -> int:
+    """Chunks of one read called virus: by the published rule (max P(virus) >= max
+    P(others) over the chunk's frames), or, given a threshold, max P(virus) >= it."""
+    consensus = ChunkConsensus()
+    consensus.add(frames)
+    return sum(consensus.calls(min_virus_score).values())
+
+
+def thresholded(summary: ReadSummary, min_virus_score: float | None) -> ReadSummary:
+    """The read's call under --min-virus-score: virus when its max P(virus) >= the threshold,
+    compared in float32 (the scores' type), so a threshold copied from reads.tsv is exact.
+    Without a threshold the published rule stands (a read is virus when any chunk is)."""
+    if min_virus_score is None or summary.max_virus_score is None:
+        return summary
+    call = "virus" if summary.max_virus_score >= np.float32(min_virus_score) else "others"
+    return replace(summary, call=call)
+
+
+def reads_line(summary: ReadSummary, chunks_virus: int = 0, source: str = "") -> str:
+    """One reads.tsv row: the summary, its chunks called virus and its input file."""
     score = "NA" if summary.max_virus_score is None else format_score(summary.max_virus_score)
     return (
         f"{summary.read_id}\t{summary.length}\t{summary.chunks}\t{summary.kept_frames}"
-        f"\t{score}\t{summary.call}\t{summary.reason}\n"
+        f"\t{score}\t{summary.call}\t{summary.reason}\t{chunks_virus}\t{source}\n"
     )
 
 
@@ -110,3 +136,11 @@ def frame_fasta(frames: Iterable[Frame], protein: bool) -> Iterator[str]:
     """identified_nucleotide.fa / identified_protein.faa: one unwrapped line per frame."""
     for frame in frames:
         yield f">{frame.id}\n{frame.protein if protein else frame.nucleotide}\n"
+
+
+def viral_fasta(reads: Iterable[list[str]]) -> Iterator[str]:
+    """viral_reads.fa.gz records from [id, sequence, max P(virus), input]: the whole read,
+    wrapped at 60 columns, its best P(virus) and its input file in the header."""
+    for read_id, sequence, score, source in reads:
+        body = "".join(f"{sequence[i:i + FASTA_WIDTH]}\n" for i in range(0, len(sequence), FASTA_WIDTH))
+        yield f">{read_id} max_p_virus={score} input={source}\n{body}"

@@ -41,17 +41,18 @@ from job.errors import BadInput, Interrupted, disk_error_code, disk_error_messag
 from job.inputs import resolve_inputs
 from job.lease import ExpiryObserver, Renewer
 from job.lease import claim as take_claim
-from job.log import get_logger
+from job.log import for_people, get_logger
 from job.merge import DEMO_WARNING, FAILED, MERGE_KEY, MergeClaim, MergeInputs, merge, read_marker
 from job.models import localize_model
 from job.plan import PLANNER_KEY, Plan, Planner, load_plan, plan_header
 from job.shards import charge_dead_worker, reopen_failed
 from job.spot import SpotWatcher
-from job.status import run_status
+from job.status import RunStatus, run_status
 from job.store import Store, open_store
 from job.worker import WorkerSpec, command, owner_prefix
 
 PROGRESS_SECONDS = 30.0
+BAR_SECONDS = 1.0  # the progress bar's refresh (a terminal is watched by a person)
 KILL_MARGIN_SECONDS = 5.0  # on top of --grace-seconds before stragglers are killed
 
 
@@ -123,6 +124,8 @@ class _BatchRun:
             "chunk_length": chunk_length,
             "write_features": self.config.write_features,
             "group_reads": self.config.group_reads,
+            "min_virus_score": self.config.min_virus_score,
+            "write_viral_reads": self.config.write_viral_reads,
         }
         # A finished run too is checked against these inputs and models (refused with 65).
         header = plan_header(store, inputs, settings, self.config.shard_reads, self.endpoint)
@@ -181,6 +184,7 @@ class _BatchRun:
             demo_models=demo_models,
             endpoint_url=self.endpoint,
             lease_seconds=self.config.lease_seconds,
+            gpu_hour_price=self.config.gpu_hour_price,
         )
         return _report(*self._finish(store, plan, merge_inputs))
 
@@ -214,6 +218,7 @@ class _BatchRun:
             processes.append(subprocess.Popen(command(spec), env=env))
         self.log.info("workers_started", workers=count, gpus=len(gpus))
         deadline = None
+        bar = for_people(self.config.log_format)  # a progress bar instead of JSON progress lines
         last_progress = time.monotonic()
         killed: list[str] = []
         charged: set[int] = set()
@@ -235,12 +240,17 @@ class _BatchRun:
             if deadline is not None and time.monotonic() > deadline:
                 self.log.error("killing_workers", message="workers did not stop within the grace period")
                 _signal_all(processes, signal.SIGKILL)
-            if time.monotonic() - last_progress >= PROGRESS_SECONDS:
+            if time.monotonic() - last_progress >= (BAR_SECONDS if bar else PROGRESS_SECONDS):
                 last_progress = time.monotonic()
                 status = run_status(store)
-                if status is not None:
+                if status is not None and bar:
+                    _show_bar(status)
+                elif status is not None:
                     self.log.info("progress", **status.as_dict())
             time.sleep(0.2)
+        if bar and (status := run_status(store)) is not None:
+            _show_bar(status)
+            print(file=sys.stderr, flush=True)  # the bar's last state stays on screen
         return [process.returncode for process in processes], killed
 
     def _charge(self, store: Store, plan: Plan, process: subprocess.Popen) -> str:
@@ -328,6 +338,8 @@ def _check_numbers(config: RunConfig) -> None:
     ):
         if value < least:
             raise BadInput(f"{flag} must be at least {least}, not {value}")
+    if config.min_virus_score is not None and not 0 <= config.min_virus_score <= 1:
+        raise BadInput(f"--min-virus-score is a probability, from 0 to 1, not {config.min_virus_score}")
 
 
 def _check_writable(store: Store, owner: str) -> None:
@@ -363,6 +375,16 @@ def _visible_gpus(config: RunConfig) -> list[str]:
     count = torch.cuda.device_count()
     listed = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return (listed or [str(i) for i in range(count)])[:count]
+
+
+def _show_bar(status: RunStatus) -> None:
+    """Redraw the progress bar in place (the line `virnucpro status` prints)."""
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns  # 0 on a terminal that never said
+    except OSError:
+        columns = 0
+    width = (columns or 100) - 1
+    print(f"\r{status.bar(width)}\x1b[K", end="", file=sys.stderr, flush=True)
 
 
 def _signal_all(processes: list[subprocess.Popen], signum: int) -> None:

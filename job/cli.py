@@ -23,7 +23,7 @@ from job.log import configure, get_logger
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    configure()
+    configure(getattr(args, "log_format", "json"))
     try:
         return args.handler(args)
     except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-tokens", type=int, help="tokens per packed batch (default: from free memory)")
     run.add_argument("--no-compile", dest="compile", action="store_false", help="run the GPU engine without torch.compile (slower; to rule the compiler out)")
     run.add_argument("--write-features", action="store_true", help="also write features.h5")
+    run.add_argument("--min-virus-score", type=float, metavar="P", help="call a read virus when its max P(virus) (score2) is at least P (default: the published rule, max P(virus) >= max P(others) in a chunk); the published files do not change")
+    run.add_argument("--write-viral-reads", action="store_true", help="also write viral_reads.fa.gz: every read called virus, whole, in input order")
+    run.add_argument("--gpu-hour-price", type=float, metavar="PRICE", help="price of one GPU-hour, for the cost line of report.html")
+    run.add_argument("--log-format", choices=("auto", "json"), default=RunConfig.log_format, help="auto: a progress bar when stderr is a terminal, else JSON lines; json: JSON lines always (default: %(default)s)")
     batch = run.add_argument_group("batch job")
     batch.add_argument("--workers", type=int, help="worker processes (default: one per visible GPU, else 1)")
     batch.add_argument("--slot", type=int, help="this machine's slot (default: AWS_BATCH_JOB_ARRAY_INDEX or JOB_COMPLETION_INDEX)")
@@ -149,6 +153,10 @@ def _run(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens,
         compile=args.compile,
         write_features=args.write_features,
+        min_virus_score=args.min_virus_score,
+        write_viral_reads=args.write_viral_reads,
+        gpu_hour_price=args.gpu_hour_price,
+        log_format=args.log_format,
         workers=args.workers,
         slot=slot,
         slots=slots,
@@ -197,7 +205,7 @@ def _status(args: argparse.Namespace) -> int:
     if status is None:
         print(f"virnucpro: error: no run under {args.output} (no plan yet); check the URI", file=sys.stderr)
         return exit_codes.BAD_INPUT
-    print(json.dumps(status.as_dict(), indent=2) if args.json else status.line())
+    print(json.dumps(status.as_dict(), indent=2) if args.json else f"{status.bar()}\n{status.line()}")
     return exit_codes.OK
 
 

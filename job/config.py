@@ -23,6 +23,12 @@ class RunConfig:
     batch_tokens: int | None = None  # None: derived from free device memory
     compile: bool = True  # torch.compile the GPU engine (no effect on the CPU)
     write_features: bool = False
+    # Results a person reads (issue 15). The threshold and the viral reads change what the
+    # workers write, so both are recorded in the plan; the price and log format do not.
+    min_virus_score: float | None = None  # None: the published rule, max P(virus) >= max P(others)
+    write_viral_reads: bool = False
+    gpu_hour_price: float | None = None  # the report's cost line
+    log_format: str = "auto"  # auto: a progress bar when stderr is a terminal, else JSON lines | json
     # Batch-job steering (issue 4): sharding, leases, checkpoints, signals, storage.
     workers: int | None = None  # None: one per visible GPU, else 1
     slot: int | None = None

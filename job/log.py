@@ -1,4 +1,5 @@
-"""structlog JSON lines on stderr: one event per line, context (run_id, shard, worker) bound."""
+"""Logging on stderr: structlog JSON lines (one event per line, context bound), or, for a
+person at a terminal, only warnings and errors as readable lines beside a progress bar."""
 from __future__ import annotations
 
 import logging
@@ -7,16 +8,27 @@ import sys
 import structlog
 
 
-def configure() -> None:
-    """JSON lines on stderr with an ISO timestamp and the level; call once per process."""
+def for_people(log_format: str = "json") -> bool:
+    """Whether this process logs for a person: --log-format auto and stderr is a terminal."""
+    return log_format == "auto" and sys.stderr.isatty()
+
+
+def configure(log_format: str = "json") -> None:
+    """JSON lines on stderr with an ISO timestamp and the level; call once per process.
+
+    With `for_people(log_format)`, warnings and errors only, as readable lines: the job shows
+    its progress as a bar (job/batch.py) instead of the info events.
+    """
+    people = for_people(log_format)
+    renderer = structlog.dev.ConsoleRenderer(colors=False) if people else structlog.processors.JSONRenderer(sort_keys=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(sort_keys=False),
+            renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING if people else logging.INFO),
         # One write per line: the workers share the parent's stderr, and print() would
         # write the newline separately, letting lines of two processes run together.
         logger_factory=_stderr_logger,

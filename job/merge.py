@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import io
 import json
 import tempfile
 import threading
@@ -25,24 +26,26 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+from isal import igzip
 
-from core.outputs import HIGHEST_HEADER, PREDICTION_HEADER, READS_HEADER, ReadSummary, reads_line
+from core.outputs import HIGHEST_HEADER, PREDICTION_HEADER, READS_HEADER, ReadSummary, reads_line, viral_fasta
 from job.errors import Interrupted
 from job.features import FeatureWriter
 from job.lease import Claim, ExpiryObserver, Lease, Renewer
 from job.lease import claim as take_claim
 from job.log import get_logger
-from job.parts import decode_features, decode_rows
+from job.parts import decode_features, decode_rows, read_sources
 from job.plan import INPUT_COPIES, Plan, shard_records
 from job.shards import Part, ShardState, read_shard
 from job.store import Store
+from job.summary import RunStats
 
 MERGE_KEY = "_run/merge.json"
 PARTS_PREFIX = "_run/parts/"
@@ -51,6 +54,9 @@ FAILED = "_FAILED"
 PREDICTIONS = "prediction_results.txt"
 HIGHEST = "prediction_results_highestscore.csv"
 READS = "reads.tsv"
+SUMMARY = "summary.tsv"
+REPORT = "report.html"
+VIRAL_READS = "viral_reads.fa.gz"
 FEATURES = "features.h5"
 DEMO_WARNING = "demo models in use: their scores are meaningless"
 SHARD_FAILED = "shard_failed"  # reads.tsv reason of the reads a failed shard never scored
@@ -79,6 +85,7 @@ class MergeInputs:
     demo_models: bool
     endpoint_url: str | None
     lease_seconds: float
+    gpu_hour_price: float | None = None  # for the report's cost line
 
 
 class MergeClaim:
@@ -113,7 +120,8 @@ def merge(store: Store, plan: Plan, inputs: MergeInputs, claim: MergeClaim, stop
     assert plan.complete and all(state.final for state in states), "merge started before every shard was final"
     with Renewer(claim.lease, log), tempfile.TemporaryDirectory(prefix="virnucpro-merge-") as tmp:
         summary = _assemble(store, plan, states, inputs, Path(tmp), stop)
-        names = [PREDICTIONS, HIGHEST, READS] + ([FEATURES] if inputs.write_features else [])
+        names = [PREDICTIONS, HIGHEST, READS, SUMMARY, REPORT] + ([FEATURES] if inputs.write_features else [])
+        names += [VIRAL_READS] if plan.settings.get("write_viral_reads") else []
         summary["files"] = {name: _describe(Path(tmp) / name) for name in names}
         for name in names:
             _check_still_merging(store, claim, stop)
@@ -153,7 +161,11 @@ def _assemble(
     highest = _SortedRuns(tmp / "runs")
     parts = [part for state in states for part in state.parts]
     fetched = _prefetch(store, parts, inputs.write_features)
-    with open(tmp / PREDICTIONS, "w") as predictions, open(tmp / READS, "w") as reads:
+    stats = RunStats([obj.uri for obj in plan.inputs], plan.settings["chunk_length"])
+    with ExitStack() as files:
+        predictions = files.enter_context(open(tmp / PREDICTIONS, "w"))
+        reads = files.enter_context(open(tmp / READS, "w"))
+        viral = files.enter_context(_viral_writer(tmp / VIRAL_READS)) if plan.settings.get("write_viral_reads") else None
         predictions.write(PREDICTION_HEADER)
         reads.write(READS_HEADER)
         for shard, state in zip(plan.shards, states):
@@ -164,6 +176,9 @@ def _assemble(
                 rows = decode_rows(rows_data)
                 predictions.writelines(rows.predictions)
                 reads.writelines(rows.reads)
+                stats.add_counts(rows.counts)
+                if viral is not None:
+                    viral.writelines(viral_fasta(rows.viral or ()))
                 highest.add(rows.highest)
                 outcomes.update(rows.outcomes)
                 frames += len(rows.predictions)
@@ -171,8 +186,11 @@ def _assemble(
                     features.add(rows.frame_ids, decode_features(features_data))
             if state.failed:  # its reads that were never scored are still listed, with the reason
                 unscored = islice(shard_records(plan, shard, inputs.endpoint_url, store), state.reads_done, None)
-                for record in unscored:
-                    reads.write(reads_line(ReadSummary(record.id, len(record.sequence), 0, 0, None, "none", SHARD_FAILED)))
+                sources = read_sources(plan, shard, state.reads_done, shard.reads - state.reads_done)
+                for record, source in zip(unscored, sources):
+                    line = reads_line(ReadSummary(record.id, len(record.sequence), 0, 0, None, "none", SHARD_FAILED), 0, source)
+                    reads.write(line)
+                    stats.add_row(line)
                     outcomes[SHARD_FAILED] += 1
     if features is not None:
         features.close()
@@ -197,13 +215,30 @@ def _assemble(
         "interruptions": sum(state.interruptions for state in states),
         "reads_redone": sum(state.redone_reads for state in states),
         "demo_models": inputs.demo_models,
+        "min_virus_score": plan.settings.get("min_virus_score"),
+        "virus_chunks": stats.total().virus_chunks,
     }
     if inputs.demo_models:
         summary["warning"] = DEMO_WARNING
     if plan.empty_inputs:
         summary["empty_inputs"] = list(plan.empty_inputs)
         summary["empty_inputs_warning"] = EMPTY_WARNING
+    if (short := stats.short_reads_warning()) is not None:
+        summary["short_reads_warning"] = short
+        get_logger(run_id=plan.run_id).warning("short_reads", message=short)
+    (tmp / SUMMARY).write_text(stats.tsv())
+    from job.report import render_report  # matplotlib: loaded by the merge only, not by `status` or the workers
+
+    (tmp / REPORT).write_text(render_report(summary, stats, parts, plan.created_at, inputs.gpu_hour_price))
     return summary
+
+
+@contextmanager
+def _viral_writer(path: Path) -> Iterator[TextIO]:
+    """viral_reads.fa.gz as text; no name or time in the gzip header, so the bytes depend on the reads only."""
+    with open(path, "wb") as raw, igzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        with io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as text:
+            yield text
 
 
 def _prefetch(store: Store, parts: list[Part], with_features: bool) -> Iterator[tuple[bytes, bytes | None]]:

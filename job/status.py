@@ -13,6 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+from tqdm import tqdm
+
 from job.merge import read_marker
 from job.plan import Plan, load_plan
 from job.shards import ShardState, read_shard
@@ -35,10 +37,22 @@ class RunStatus:
     eta_s: float | None
     finished: str | None  # _SUCCESS or _FAILED once the run is finished
     planned: bool = True  # the plan is complete
+    elapsed_s: float = 0.0  # since the run was planned
     scanned: float = 1.0  # share of the input bytes the planner has read
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def bar(self, width: int = 100) -> str:
+        """One progress-bar line (tqdm's): reads committed of all, percent, reads/s, ETA."""
+        rate = f"{self.reads_per_s:.1f} reads/s" if self.reads_per_s is not None else "- reads/s"
+        eta = "-" if self.eta_s is None else tqdm.format_interval(self.eta_s)
+        state = self.finished or ("running" if self.planned else f"planning {100 * self.scanned:.0f}%")
+        return tqdm.format_meter(
+            self.reads_committed, max(self.reads, self.reads_committed), self.elapsed_s, ncols=width,
+            prefix=f"{self.run_id} {state}", unit="reads",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} reads [" + f"{rate}, ETA {eta}" + "]",
+        )
 
     def line(self) -> str:
         rate = "-" if self.reads_per_s is None else f"{self.reads_per_s:.1f} reads/s"
@@ -93,4 +107,5 @@ def summarize(plan: Plan, states: list[ShardState], finished: str | None, now: f
         finished=finished,
         planned=plan.complete,
         scanned=round(scanned, 4),
+        elapsed_s=round(max(now - plan.created_at, 0.0), 1),
     )

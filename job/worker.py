@@ -26,6 +26,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -37,7 +38,7 @@ from job.config import RunConfig
 from job.errors import BadInput, disk_error_code, disk_error_message, user_error_code
 from job.lease import ExpiryObserver, Renewer
 from job.log import configure, get_logger
-from job.parts import encode_features, encode_rows
+from job.parts import encode_features, encode_rows, read_sources
 from job.plan import Plan, load_plan, shard_records
 from job.shards import Part, ShardLease, claim, read_shard, shard_key
 from job.store import Store, open_store
@@ -123,6 +124,7 @@ class Worker:
         self.log = get_logger(run_id=plan.run_id, worker=self.owner)
         self.current: ShardLease | None = None  # the lease held now, for stop_now()
         self.writing = threading.Lock()  # held while a part is written and committed
+        self.sequences: deque[str] = deque()  # with --write-viral-reads: letters of the reads scored, not yet committed
 
     def run(self) -> int:
         config = self.config
@@ -205,6 +207,9 @@ class Worker:
         renewer.start()
         try:
             records = islice(shard_records(self.plan, shard, self.config.s3_endpoint_url, self.store), skip, None)
+            self.sequences.clear()
+            if self.plan.settings.get("write_viral_reads"):
+                records = _remembered(records, self.sequences)
             self._predict_into(lease, records, renewer, log)
             if lease.lost.is_set():
                 log.warning("lease_lost", message="another worker took this shard over; dropping it")
@@ -277,7 +282,10 @@ class Worker:
     def _commit_locked(self, lease: ShardLease, results: list[ReadResult], seconds: float, shard_reads: int, log) -> bool:  # noqa: ANN001
         state = lease.state
         stem = f"_run/parts/{state.index:05d}/{self.owner}-a{state.attempt}-{len(state.parts):04d}"
-        rows, frames = encode_rows(results)
+        sequences = [self.sequences.popleft() for _ in results] if self.plan.settings.get("write_viral_reads") else None
+        sources = read_sources(self.plan, self.plan.shards[state.index], state.reads_done, len(results))
+        settings = self.plan.settings
+        rows, frames = encode_rows(results, sources, settings["chunk_length"], settings.get("min_virus_score"), sequences)
         # Written only while the lease is still ours (renewed just now), and deleted again if
         # the commit is refused: a worker that lost its shard leaves no part behind.
         if not lease.renew(max(lease.state.processed, lease.state.reads_done + len(results))):
@@ -317,6 +325,14 @@ class _ShardRenewer(Renewer):
             self.log.info("shard_progress", processed=self.processed, committed=self.lease.state.reads_done)
 
 
+def _remembered(records: Iterator[Record], sequences: deque[str]) -> Iterator[Record]:
+    """The records, their letters kept in `sequences` as the predictor takes them (it yields
+    one result per record, in order, so the commit pops one per result)."""
+    for record in records:
+        sequences.append(record.sequence)
+        yield record
+
+
 def _release_quietly(lease: ShardLease) -> None:
     try:
         lease.release()
@@ -347,9 +363,9 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # first: a stop during start-up exits 75 too
         signal.signal(signum, lambda *_: stop.set())
-    configure()
     spec = WorkerSpec.from_json(argv[0])
     config = spec.config
+    configure(config.log_format)
     started: list[Worker] = []
     threading.Thread(target=_watch_parent, args=(spec.parent_pid, stop), daemon=True).start()
     threading.Thread(target=_exit_within_grace, args=(stop, config.grace_seconds, started), daemon=True).start()

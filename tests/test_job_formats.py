@@ -83,8 +83,8 @@ def test_paired_end_files_with_casava_headers_score_both_mates(demo_models: Path
     rows = [line.split("\t") for line in (tmp_path / "out" / "reads.tsv").read_text().splitlines()[1:]]
     ids = [row[0] for row in rows]
     assert ids == [f"{n}/1" for n in names] + [f"{n}/2" for n in names] + [f"{names[4]}/2"]  # one row per read
-    scored = [row for row in rows[:-1] if row[-1] != "duplicate_id"]
-    assert len(scored) == 40 and rows[-1][-1] == "duplicate_id"
+    scored = [row for row in rows[:-1] if row[6] != "duplicate_id"]
+    assert len(scored) == 40 and rows[-1][6] == "duplicate_id"
     predicted = {line.split("\t")[0].rsplit("_chunk_", 1)[0] for line in
                  (tmp_path / "out" / "prediction_results.txt").read_text().splitlines()[1:]}
     assert {n + "/1" for n in names} & predicted and {n + "/2" for n in names} & predicted  # both mates scored
