@@ -15,7 +15,8 @@ from core.attention import Segments
 from core.dnabert import DNABERTEncoder, load_dnabert, write_demo_model
 from core.errors import NonFiniteEmbedding
 from core.esm2 import ESM2Encoder, load_esm2, write_demo_checkpoint
-from core.packing import pack, pack_flat
+from core.packing import pack_flat
+from oracles import pack
 
 CPU = torch.device("cpu")
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
@@ -89,7 +90,7 @@ def test_esm_engine_matches_reference_path(esm_path, proteins, backend):
     reference = load_esm2(str(esm_path), CPU)
     expected = reference.embed(proteins)
     model = load_esm2(str(esm_path), CPU).model
-    engine = ESM2Encoder(model, reference.alphabet, CPU, 300, engine=True, attention=backend, compile=False)
+    engine = ESM2Encoder(model, reference.alphabet, CPU, 300, attention=backend, compile=False)
     assert engine.backend == f"float32 {backend} eager"
     assert relative_errors(engine.embed(proteins), expected).max() <= 1e-5
 
@@ -97,10 +98,10 @@ def test_esm_engine_matches_reference_path(esm_path, proteins, backend):
 def test_esm_engine_packing_budget_and_order_do_not_change_embeddings(esm_path, proteins):
     model = load_esm2(str(esm_path), CPU).model
     alphabet = load_esm2(str(esm_path), CPU).alphabet
-    baseline = ESM2Encoder(model, alphabet, CPU, 100_000, engine=True, attention="sdpa_padded", compile=False).embed(proteins)
+    baseline = ESM2Encoder(model, alphabet, CPU, 100_000, attention="sdpa_padded", compile=False).embed(proteins)
     order = random.Random(1).sample(range(len(proteins)), len(proteins))
     for budget in (1, 200, 1000):
-        encoder = ESM2Encoder(model, alphabet, CPU, budget, engine=True, attention="sdpa_padded", compile=False)
+        encoder = ESM2Encoder(model, alphabet, CPU, budget, attention="sdpa_padded", compile=False)
         shuffled = encoder.embed([proteins[i] for i in order])
         assert relative_errors(shuffled, baseline[order]).max() <= 1e-5
 
@@ -122,13 +123,13 @@ def test_dnabert_engine_matches_reference_path(dna_dir, dna_reads, backend):
     reference = load_dnabert(str(dna_dir), CPU)
     expected = reference.embed(dna_reads)
     fresh = load_dnabert(str(dna_dir), CPU)
-    engine = DNABERTEncoder(fresh.model, fresh.tokenizer, CPU, 400, engine=True, attention=backend, compile=False)
+    engine = DNABERTEncoder(fresh.model, fresh.tokenizer, CPU, 400, attention=backend, compile=False)
     assert relative_errors(engine.embed(dna_reads), expected).max() <= 1e-5
 
 
 def test_dnabert_warm_up_meets_every_flex_bucket_a_batch_can_pad_to(dna_dir, dna_reads, monkeypatch):
     fresh = load_dnabert(str(dna_dir), CPU)
-    encoder = DNABERTEncoder(fresh.model, fresh.tokenizer, CPU, 1000, engine=True, attention="flex", compile=False)
+    encoder = DNABERTEncoder(fresh.model, fresh.tokenizer, CPU, 1000, attention="flex", compile=False)
     padded = []
     monkeypatch.setattr(encoder, "_pooled", lambda batch: padded.append(encoder.attention.pads_to(batch.total))
                         or torch.zeros(len(batch.order), encoder.dim))
@@ -244,3 +245,46 @@ def test_no_compile_flows_from_the_command_line_to_the_encoders(tmp_path, monkey
     for compile in (True, False):  # the CPU engine runs eagerly either way
         predictor = load_predictor(*models, device="cpu", compile=compile)
         assert not predictor.esm.compile and not predictor.dnabert.compile
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def test_a_compiler_error_falls_back_to_eager_and_says_why(monkeypatch, caplog):
+    import logging
+
+    from core.engine import Compiled, compile_state
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("cannot lower this graph")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, backend=broken_backend))
+    part = Compiled(_double, dynamic_args=(0,))
+    with caplog.at_level(logging.WARNING, logger="core.engine"):
+        assert torch.equal(part(torch.ones(3), compile=True), torch.full((3,), 2.0))
+        assert torch.equal(part(torch.ones(4), compile=True), torch.full((4,), 2.0))  # eager from now on
+    assert "BackendCompilerFailed" in part.error and "cannot lower this graph" in part.error
+    assert compile_state(True, (part,)).startswith("eager (BackendCompilerFailed")
+    (record,) = caplog.records  # logged once, when it happened, with the function and the reason
+    assert "_double" in record.getMessage() and "cannot lower this graph" in record.getMessage()
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+])
+def test_a_runtime_error_in_a_compiled_call_raises_and_keeps_it_compiled(monkeypatch, error):
+    from core.engine import Compiled, compile_state
+
+    def compiled_call(*args):
+        raise error
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled_call)
+    part = Compiled(_double, dynamic_args=(0,))
+    with pytest.raises(type(error), match=str(error)[:20]):
+        part(torch.ones(3), compile=True)
+    assert part.error is None and compile_state(True, (part,)) == "compiled"
+    with pytest.raises(type(error)):  # the next call goes to the compiled code again
+        part(torch.ones(3), compile=True)
