@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--classifier", required=True, help="published .pth or converted .safetensors (or s3:// URI)")
     run.add_argument("--chunk-length", type=int, choices=KNOWN_CHUNK_LENGTHS, help="default: the classifier's")
     run.add_argument("--force-chunk-length", action="store_true", help="allow a chunk length the classifier was not trained for")
-    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    run.add_argument("--device", default=RunConfig.device, choices=("auto", "cpu", "cuda"))
     run.add_argument("--batch-tokens", type=int, help="tokens per packed batch (default: from free memory)")
     run.add_argument("--no-compile", dest="compile", action="store_false", help="run the GPU engine without torch.compile (slower; to rule the compiler out)")
     run.add_argument("--write-features", action="store_true", help="also write features.h5")
