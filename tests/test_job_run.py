@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from job_support import (
-    FINAL_FILES, JobProcess, bucket, read_output, run_args, s3_endpoint, subprocess_env, virnucpro, write_reads,  # noqa: F401
+    FINAL_FILES, JobProcess, bucket, read_output, run_args, s3_endpoint, same_reads, subprocess_env, virnucpro, write_reads,  # noqa: F401
 )
 
 
@@ -78,9 +78,13 @@ def test_s3_inputs_models_and_output_match_a_local_run(demo_models: Path, bucket
     assert local.returncode == 0, local.stderr
     remote_summary, local_summary = json.loads(remote.stdout), json.loads(local.stdout)
     assert remote_summary["models"] == local_summary["models"]  # same checksums, downloaded or not
-    for name in (*FINAL_FILES, "features.h5"):
-        assert read_output(output, name) == (tmp_path / "out" / name).read_bytes(), name
-    assert remote_summary["files"] == local_summary["files"]
+    for name in (*FINAL_FILES, "features.h5", "summary.tsv"):
+        remote_file, local_file = read_output(output, name), (tmp_path / "out" / name).read_bytes()
+        if name == "summary.tsv":  # its rows name the inputs: compare the counts
+            remote_file, local_file = (b"".join(line.split(b"\t", 1)[1] for line in f.splitlines(True)) for f in (remote_file, local_file))
+        assert same_reads(name, remote_file) == same_reads(name, local_file), name
+    published = ("prediction_results.txt", "prediction_results_highestscore.csv", "features.h5")
+    assert {name: remote_summary["files"][name] for name in published} == {name: local_summary["files"][name] for name in published}
     with h5py.File(tmp_path / "out" / "features.h5") as h5:
         frame_ids = [f.decode() for f in h5["frame_ids"][:]]
         assert h5["features"].dtype == np.float32 and h5["features"].shape == (len(frame_ids), 128)

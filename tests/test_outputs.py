@@ -50,4 +50,5 @@ def test_prediction_call_needs_a_strictly_larger_virus_score() -> None:
 
 
 def test_reads_line_marks_missing_score() -> None:
-    assert reads_line(ReadSummary("r", 2, 1, 0, None, "none", "too_short")) == "r\t2\t1\t0\tNA\tnone\ttoo_short\n"
+    line = reads_line(ReadSummary("r", 2, 1, 0, None, "none", "too_short"), 0, "s3://b/x.fq.gz")
+    assert line == "r\t2\t1\t0\tNA\tnone\ttoo_short\t0\ts3://b/x.fq.gz\n"
