@@ -128,12 +128,14 @@ def alibi_slopes(num_heads: int) -> list[float]:
 def _project(x: Tensor, w_qkv: Tensor, b_qkv: Tensor, heads: int, heads_first: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The fused Wqkv projection, split into q, k, v in the attention backend's layout.
 
-    `Wqkv` output columns are [q | k | v], each split into heads of consecutive columns."""
+    `Wqkv` output columns are [q | k | v], each split into heads of consecutive columns.
+    q, k and v are strided views of the GEMM's output, not copies: every backend takes any
+    row and head stride (each head's values stay contiguous)."""
     total, width = x.shape
     qkv = F.linear(x, w_qkv, b_qkv).view(total, 3, heads, width // heads)
     if heads_first:
-        return tuple(qkv[:, i].transpose(0, 1).contiguous() for i in range(3))
-    return tuple(qkv[:, i].contiguous() for i in range(3))
+        return tuple(qkv[:, i].transpose(0, 1) for i in range(3))
+    return tuple(qkv[:, i] for i in range(3))
 
 
 def _after_attention(x: Tensor, attended: Tensor, heads_first: bool, w_d: Tensor, b_d: Tensor,

@@ -56,13 +56,15 @@ def _pre_attention(x: Tensor, ln_w: Tensor, ln_b: Tensor, w_q: Tensor, w_k: Tens
                    b_q: Tensor, b_k: Tensor, b_v: Tensor, cos: Tensor, sin: Tensor, heads: int,
                    eps: float, q_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm, q/k/v in one GEMM, query scaling and rotary (in float32): one layer's
-    attention inputs, [total, heads, head_dim] each."""
+    attention inputs, [total, heads, head_dim] each. v stays a strided view of the GEMM's
+    output (the attention kernels take any row stride): a copy of it cost 1.2% of ESM-2's
+    time (benchmarks/engine_variants.py)."""
     total, width = x.shape
     h = F.layer_norm(x, (width,), ln_w, ln_b, eps)
     qkv = F.linear(h, torch.cat((w_q, w_k, w_v)), torch.cat((b_q, b_k, b_v))).view(total, 3, heads, width // heads)
     q = _rotate(qkv[:, 0].float() * q_scale, cos, sin).to(x.dtype)
     k = _rotate(qkv[:, 1].float(), cos, sin).to(x.dtype)
-    return q, k, qkv[:, 2].contiguous()
+    return q, k, qkv[:, 2]
 
 
 def _post_attention(x: Tensor, attended: Tensor, w_o: Tensor, b_o: Tensor, ln_w: Tensor, ln_b: Tensor,
