@@ -1,5 +1,10 @@
 """Logging on stderr: structlog JSON lines (one event per line, context bound), or, for a
-person at a terminal, only warnings and errors as readable lines beside a progress bar."""
+person at a terminal, only warnings and errors as readable lines beside a progress bar.
+
+core/ logs through the standard library (it must not depend on the job); `configure` routes
+those records, warnings and up, into the same stream and format (event = the message,
+`logger` = where it came from), so a platform's log parser sees one format.
+"""
 from __future__ import annotations
 
 import logging
@@ -34,6 +39,19 @@ def configure(log_format: str = "json") -> None:
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    root.handlers = [handler for handler in root.handlers if not isinstance(handler, _StdlibToStructlog)]
+    root.addHandler(_StdlibToStructlog(logging.WARNING))
+
+
+class _StdlibToStructlog(logging.Handler):
+    """Standard-library log records (core/'s warnings) as structlog events."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            get_logger(logger=record.name).log(record.levelno, record.getMessage())
+        except Exception:  # noqa: BLE001 - logging must never break the job
+            self.handleError(record)
 
 
 def _stderr_logger(*_args: object) -> structlog.WriteLogger:

@@ -66,3 +66,21 @@ def test_without_a_terminal_only_json_lines(demo_models: Path, tmp_path: Path) -
     events = [json.loads(line) for line in lines]  # every line is one JSON event
     assert {"run_planned", "part_committed", "run_finished"} <= {event["event"] for event in events}
     assert not BAR.search(done.stderr)
+
+
+def test_core_warnings_through_the_standard_library_come_out_as_json_lines(capsys) -> None:  # noqa: ANN001
+    """core/ logs with the standard library (the compile fallback, say); the job's log stream
+    stays one JSON event per line, infos of other libraries left out."""
+    import logging
+
+    from job.log import configure
+
+    configure("json")
+    configure("json")  # configured twice (a test, a re-entry): still one line per record
+    logging.getLogger("core.engine").warning("torch.compile failed for %s", "_post_attention")
+    logging.getLogger("some.library").info("chatter")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    event = json.loads(lines[0])
+    assert event["event"] == "torch.compile failed for _post_attention"
+    assert event["logger"] == "core.engine" and event["level"] == "warning"
