@@ -255,7 +255,7 @@ def damage(name: str, line: int, kind: str, **details: object) -> ReadsError:
     """The `ReadsError` for one kind of structural damage (shared with `core.scan`, so the
     reader and the scanner word every error alike)."""
     problem, fix = _DAMAGE[kind]
-    return ReadsError(name, line, problem.format(**details), fix)
+    return ReadsError(name, line, problem.format(**details), fix.format(**details))
 
 
 _FASTQ_SHAPE = "FASTQ records are exactly 4 lines: '@' header, sequence, '+', quality (multi-line FASTQ is not supported)"

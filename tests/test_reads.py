@@ -13,6 +13,7 @@ import zlib
 import pytest
 
 from core.reads import ReadsError, Record, mark_duplicates, open_records, read_id, read_records
+from damaged_reads import FASTA_DAMAGE, FASTQ_DAMAGE
 from job.cli import main
 
 
@@ -53,21 +54,13 @@ def test_duplicate_ids_keep_the_first_and_mark_the_rest() -> None:
     assert second[0].status == "duplicate_id"
 
 
-@pytest.mark.parametrize(
-    ("data", "line", "words"),
-    [
-        (b"ACGT\n>r\nAC\n", 1, "text before the first record"),
-        (b">r1\nACGT\n>\nAC\n", 3, "no id"),
-        (b">r1\nAC\x00\x01\x02GT\n", 2, "binary"),
-        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", 1, "this is a PNG image"),
-        (b">r1\nACGT\n>\xff\xfe\nAC\n", 3, "not UTF-8"),
-    ],
-)
+@pytest.mark.parametrize(("data", "line", "words"), FASTA_DAMAGE)
 def test_structural_damage_names_file_line_and_fix(data: bytes, line: int, words: str) -> None:
     with pytest.raises(ReadsError) as error:
         records(data, "sample.fa")
     message = str(error.value)
     assert message.startswith(f"sample.fa, line {line}:") and words in message
+    assert "{" not in message  # every placeholder of the problem and its fix filled in
     assert error.value.line == line
 
 
@@ -219,29 +212,13 @@ def test_binary_input_is_named_with_its_fix(data: bytes, words: str) -> None:  #
     assert str(error.value).startswith("sample.fq, line ") and words in str(error.value)
 
 
-@pytest.mark.parametrize(
-    ("data", "line", "words"),
-    [
-        (b"r1\nACGT\n+\nIIII\n", 1, "text before the first record"),
-        (b"@r1\nACGT\nIIII\n", 3, "expected the '+' line of the FASTQ record whose header is line 1, found 'IIII'"),
-        (b"@r1\nACGT\nACGT\n+\nIIIIIIII\n", 3, "multi-line FASTQ is not supported"),
-        (b"@r1\nACGT\n+\nIII\n", 4, "the quality line has 3 characters for a sequence of 4"),
-        (b"@r1\nACGT\n+\nIIIII\n", 4, "the quality line has 5 characters for a sequence of 4"),
-        (b"@r1\nACGT\n+\nIIII\n@r2\nAC\n+\n", 5, "the last FASTQ record is cut short: 3 of its 4 lines"),
-        (b"@r1\nACGT\n+\nIIII\n@r2\n", 5, "cut short: 1 of its 4 lines"),
-        (b"@r1\nACGT\n+\nIIII\n@r2\nAC\n+\nI", 8, "the quality line has 1 characters for a sequence of 2"),
-        (b"@r1\nACGT\n+\nIIII\nr2\nAC\n+\nII\n", 5, "expected a FASTQ header starting with '@', found 'r2'"),
-        (b"@r1\nACGT\n+\nIIII\n\n@r2\nAC\n+\nII\n", 5, "a blank line between FASTQ records"),
-        (b"@\nACGT\n+\nIIII\n", 1, "a '@' header with no id after it"),
-        (b"@ \xff\xfe\nACGT\n+\nIIII\n", 1, "the header is not UTF-8 text"),
-        (b"@r1\nAC\x00GT\n+\nIIII\n", 2, "binary data (a NUL byte)"),
-    ],
-)
+@pytest.mark.parametrize(("data", "line", "words"), FASTQ_DAMAGE)
 def test_malformed_fastq_names_file_line_and_fix(data: bytes, line: int, words: str) -> None:
     with pytest.raises(ReadsError) as error:
         records(data, "sample.fq")
     message = str(error.value)
     assert message.startswith(f"sample.fq, line {line}:") and words in message
+    assert "{" not in message  # every placeholder of the problem and its fix filled in
     assert error.value.line == line and len(message.split(": ", 1)[1].split(". ")) >= 2  # a fix follows the problem
 
 

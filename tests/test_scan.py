@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from core.reads import ReadsError, read_id, read_ids, read_records
 from core.scan import RecordScanner, Scanned
+from damaged_reads import FASTA_DAMAGE, FASTQ_DAMAGE
 
 _BREAKS = st.sampled_from([b"\n", b"\r\n", b"\r"])
 _IDS = st.text("ACGTxyz_:.-/12", min_size=1, max_size=8).map(str.encode)
@@ -120,14 +121,9 @@ def test_one_byte_blocks() -> None:
 @pytest.mark.parametrize(
     ("data", "line", "words"),
     [
-        (b"@r\nACGT\n+\nIII\n", 4, "the quality line has 3 characters for a sequence of 4"),
-        (b"@r\nACGT\nACGT\n+\nIIIIIIII\n", 3, "multi-line FASTQ is not supported"),
-        (b"@r\nAC\n+\nII\nr2\nAC\n+\nII\n", 5, "expected a FASTQ header starting with '@'"),
-        (b"@r\nAC\n+\nII\n@r2\nAC\n", 5, "cut short: 2 of its 4 lines"),
-        (b"@r\nAC\n+\nII\n\n@r2\nAC\n+\nII\n", 5, "a blank line between FASTQ records"),
-        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", 1, "this is a PNG image"),
+        *FASTA_DAMAGE,
+        *FASTQ_DAMAGE,
         (b"BZh91AY&SY" + bytes(10), 1, "bunzip2"),
-        (b">r\nAC\x00GT\n", 2, "NUL"),
     ],
 )
 def test_scanner_raises_the_readers_errors(data: bytes, line: int, words: str) -> None:
