@@ -54,8 +54,8 @@ class _Embedding:
 class _Group:
     """One group of reads on its way through the predictor.
 
-    With reuse, the classifier scores each distinct (nucleotide, protein) pair of the group
-    once: `frame_rows[i]` is frame i's row among the scored ones (None: one row per frame).
+    With reuse, frame i takes the scores of frame `first_equal[i]`, the group's first frame
+    with the same nucleotides and protein (None: without reuse).
     """
 
     records: list[Record]
@@ -63,8 +63,7 @@ class _Group:
     frames: list[Frame]
     dna: _Embedding | None = None
     protein: _Embedding | None = None
-    pairs: np.ndarray | None = None  # [scored, 2] (distinct nucleotide, distinct protein) of each scored row
-    frame_rows: np.ndarray | None = None
+    first_equal: np.ndarray | None = None
     indices: torch.Tensor | None = None  # every index array the device needs, in one pinned tensor
     features: torch.Tensor | None = None  # on the device once launched
     probabilities: torch.Tensor | None = None
@@ -205,11 +204,13 @@ class Predictor:
             return group
         dna_keys, dna_of_frame = _distinct(nucleotides)
         protein_keys, protein_of_frame = _distinct(proteins)
-        pair_codes, group.frame_rows = _distinct((dna_of_frame * len(protein_keys) + protein_of_frame).tolist())
-        group.pairs = np.stack(np.divmod(np.array(pair_codes, np.int64), len(protein_keys)), axis=1)
+        _, frame_pair = _distinct((dna_of_frame * len(protein_keys) + protein_of_frame).tolist())
+        first = np.full(len(frames), len(frames), np.int64)
+        np.minimum.at(first, frame_pair, np.arange(len(frames)))
+        group.first_equal = first[frame_pair]
         group.dna = self._embedding(self.dnabert, memos.dna.plan(dna_keys))
         group.protein = self._embedding(self.esm, memos.protein.plan(protein_keys))
-        arrays = [*group.dna.lookup.indices(), *group.protein.lookup.indices(), group.pairs[:, 0], group.pairs[:, 1]]
+        arrays = [*group.dna.lookup.indices(), *group.protein.lookup.indices(), dna_of_frame, protein_of_frame]
         indices = torch.from_numpy(np.concatenate(arrays))
         group.indices = indices.pin_memory() if self.esm.device.type == "cuda" else indices
         return group
@@ -230,8 +231,8 @@ class Predictor:
             finite = dna_ok & protein_ok
         else:
             lengths = [len(a) for a in group.dna.lookup.indices() + group.protein.lookup.indices()]
-            pairs = len(group.pairs)
-            pieces = torch.split(group.indices.to(self.esm.device, non_blocking=True), [*lengths, pairs, pairs])
+            count = len(group.frames)
+            pieces = torch.split(group.indices.to(self.esm.device, non_blocking=True), [*lengths, count, count])
             dna_rows = self._embedded(self.dnabert, group.dna, memos.dna, list(pieces[:5]))
             protein_rows = self._embedded(self.esm, group.protein, memos.protein, list(pieces[5:10]))
             with torch.inference_mode():
@@ -276,9 +277,8 @@ class Predictor:
             finite = group.finite.numpy()
             probabilities = group.probabilities.numpy()
             features = group.features.numpy() if with_features else None
-            if group.frame_rows is not None:  # one scored row per distinct frame: one per frame
-                finite, probabilities = finite[group.frame_rows], probabilities[group.frame_rows]
-                features = features[group.frame_rows] if with_features else None
+            if group.first_equal is not None:  # equal frames, equal scores: the first one's
+                probabilities = probabilities[group.first_equal]
             if not finite.all():
                 bad = np.flatnonzero(~finite).tolist()
                 raise NonFiniteEmbedding("DNABERT-S/ESM-2", bad, [frames[i].id for i in bad])
