@@ -9,7 +9,9 @@ Bounded: at most `capacity` sequences; when full, the least recently used one is
 (its row reused). The order of use is the order of the reads, so what is kept, and hence
 which sequences are embedded in which batch, depends only on the input: the same shard gives
 the same bytes. Memory: `capacity` rows of `dim` float32 on the device (lazily grown; 670 MB
-at 65,536 ESM-2 3B rows, 200 MB for DNABERT-S) and the sequences on the host.
+at 65,536 ESM-2 3B rows, 200 MB for DNABERT-S) and the sequences on the host. Per-frame
+rows (`--write-features`: 3,328 float32 a frame) are never kept here: each group's are
+gathered from the memo and copied back with the group, as without reuse.
 
 A group of sequences goes through it in three steps, queued in this order on one stream:
 `plan` (host: which are known, which must be embedded), `gather` (device: the known rows

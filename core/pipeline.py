@@ -85,10 +85,13 @@ class Predictor:
     Reuse (`reuse=True`, the default): within one `predict` call (a shard), each distinct
     nucleotide slice and each distinct protein is embedded once and its embedding used for
     every frame that has it, in that group and in later ones (`core.memo`: at most
-    `memo_sequences` of each, least recently used dropped first); in each group the
-    classifier scores each distinct frame once, so equal frames get equal scores by
-    construction. Which sequences are embedded in which packed batch then depends only on
-    the shard's reads, never on timing, so a run is as deterministic as before.
+    `memo_sequences` of each, least recently used dropped first). The classifier still
+    scores all the group's frames in one batch, as without reuse (its kernels round by batch
+    shape, even on the CPU), and equal frames of a group take the first one's scores: equal
+    scores by construction. Equal frames of different groups have bit-equal features; their
+    scores can differ in the last digits, as before. Which sequences are embedded in which
+    packed batch depends only on the shard's reads, never on timing: a run is as
+    deterministic as before.
 
     What a resume changes (the worker resumes a shard at a committed group boundary and
     passes the reads before it as `earlier`): the memo learns their sequences but not their
