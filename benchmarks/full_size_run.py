@@ -1,5 +1,5 @@
-"""The whole job at full size: `virnucpro run` against ESM-2 alone (issue 3), and its scaling
-over the GPUs of one host (issue 6).
+"""The whole job at full size: `virnucpro run` against ESM-2 alone (issue 3), its scaling
+over the GPUs of one host (issue 6), and reused embeddings of repeated reads (issue 14).
 
 Writes ESM-2 3B, DNABERT-S and a classifier with random weights in the published file
 formats and synthetic 500-bp reads with one or two open frames each (the bench's), then for
@@ -9,17 +9,28 @@ GPU over `--reads-per-gpu` x n reads; finally it embeds one run's proteins with 
 
     python3 benchmarks/full_size_run.py --work /tmp/full-size --reads-per-gpu 12000
     python3 benchmarks/full_size_run.py --gpus 1 2 4 8      # on a host with 8 GPUs
+    python3 benchmarks/full_size_run.py --repeat-fraction 0.3 --compare-reuse --shards-per-gpu 1
+    python3 benchmarks/full_size_run.py --device cpu --reads-per-gpu 2000 --repeat-fraction 0.3 --compare-reuse
 
 A run's frames/s is taken from the first shard claimed to the last shard done (reading,
 chunking, both encoders, classifier, parts committed), after model loading and
 compilation, which each worker's "time to first batch" shows. Scaling efficiency is
 frames/s over n times the one-GPU frames/s.
+
+--repeat-fraction F makes that share of the reads copies of earlier reads (their letters
+under new ids) at random positions; --compare-reuse then runs each job twice, with
+`--no-reuse` first, and prints both frames/s, counted over all frames, and their ratio.
+Embeddings are reused within a shard (core/pipeline.py): the run prints how many of the
+repeats have their first copy in the same shard, the most the reuse can find.
+--device cpu runs the demo-size models on the CPU (one worker): a smoke test of this
+script, whose figures say nothing about a GPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -33,21 +44,55 @@ from core.classifier import write_demo_classifier
 from core.dnabert import write_demo_model
 from core.esm2 import load_esm2, write_demo_checkpoint
 from core.frames import chunk_record, open_frames
+from core.reads import Record
 
 from bench import synthetic_reads  # benchmarks/bench.py, beside this script
 
 
-def write_models(models: Path) -> dict[str, str]:
+def write_models(models: Path, full_size: bool = True) -> dict[str, str]:
+    """ESM-2 3B, DNABERT-S and a classifier with random weights; or, with full_size=False,
+    the demo sizes of `virnucpro make-demo-models`."""
     models.mkdir(parents=True, exist_ok=True)
     paths = {"esm": models / "esm2_t36_3B_random.pt", "dnabert": models / "dnabert_s_random",
              "classifier": models / "classifier_500.pth"}
     started = time.perf_counter()
-    write_demo_checkpoint(paths["esm"], num_layers=36, embed_dim=2560, heads=40)
-    write_demo_model(paths["dnabert"], layers=12, hidden=768, heads=12, intermediate=3072, vocab=4096,
-                     safetensors=True)
-    write_demo_classifier(paths["classifier"], models / "classifier_500.safetensors", input_dim=768 + 2560)
-    print(f"full-size random models written in {time.perf_counter() - started:.0f} s", flush=True)
+    if full_size:
+        write_demo_checkpoint(paths["esm"], num_layers=36, embed_dim=2560, heads=40)
+        write_demo_model(paths["dnabert"], layers=12, hidden=768, heads=12, intermediate=3072, vocab=4096,
+                         safetensors=True)
+        write_demo_classifier(paths["classifier"], models / "classifier_500.safetensors", input_dim=768 + 2560)
+    else:
+        write_demo_checkpoint(paths["esm"], num_layers=2, embed_dim=64, heads=4)
+        write_demo_model(paths["dnabert"], layers=2, hidden=64, heads=4)
+        write_demo_classifier(paths["classifier"], models / "classifier_500.safetensors", input_dim=128,
+                              hidden_dim=32, chunk_length=500)
+    print(f"{'full-size' if full_size else 'demo-size'} random models written in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
     return {name: str(path) for name, path in paths.items()}
+
+
+def with_repeats(reads: list[Record], fraction: float, seed: int = 7) -> list[Record]:
+    """The reads with `fraction` of them (never the first) replaced by copies of an earlier
+    read's letters, each under its own id: the copies sit at random positions, each copying
+    a read chosen at random among those before it."""
+    rng = random.Random(seed)
+    copies = set(rng.sample(range(1, len(reads)), round(fraction * len(reads)))) if len(reads) > 1 else set()
+    sequences: list[str] = []
+    for i, read in enumerate(reads):
+        sequences.append(rng.choice(sequences) if i in copies else read.sequence)
+    return [Record(f"read_{i}", sequence, i + 1) for i, sequence in enumerate(sequences)]
+
+
+def repeats_in_shard(reads: list[Record], shard_reads: int) -> tuple[int, int]:
+    """(reads repeating an earlier read, those whose first copy is in the same shard)."""
+    first: dict[str, int] = {}
+    repeats = same_shard = 0
+    for i, read in enumerate(reads):
+        origin = first.setdefault(read.sequence, i)
+        if origin != i:
+            repeats += 1
+            same_shard += origin // shard_reads == i // shard_reads
+    return repeats, same_shard
 
 
 def log_events(path: Path) -> list[dict]:
@@ -64,17 +109,26 @@ def stamp(event: dict) -> float:
     return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
-def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_reads: int) -> dict:
-    """One job over `reads` on the first `gpus` GPUs; its figures from the log and _SUCCESS."""
-    run_dir = work / f"gpus{gpus}"
+def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_reads: int,
+            device: str = "cuda", reuse: bool = True) -> dict:
+    """One job over `reads` on the first `gpus` GPUs (or one CPU worker); its figures from
+    the log and _SUCCESS."""
+    run_dir = work / f"gpus{gpus}{'' if reuse else '-no-reuse'}"
     run_dir.mkdir(parents=True)
     fasta, output, log = run_dir / "reads.fa", run_dir / "out", run_dir / "job.log"
     fasta.write_text("".join(f">{r.id}\n{r.sequence}\n" for r in reads))
     command = [sys.executable, "-m", "job.cli", "run", "--input", str(fasta), "--output", str(output),
                "--esm-model", models["esm"], "--dnabert-model", models["dnabert"],
-               "--classifier", models["classifier"], "--device", "cuda", "--shard-reads", str(shard_reads)]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
-    print(f"$ CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} " + " ".join(command), flush=True)
+               "--classifier", models["classifier"], "--device", device, "--shard-reads", str(shard_reads)]
+    if not reuse:
+        command.append("--no-reuse")
+    env = dict(os.environ)
+    if device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+        print(f"$ CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} " + " ".join(command), flush=True)
+    else:
+        command += ["--workers", "1"]
+        print("$ " + " ".join(command), flush=True)
     started = time.perf_counter()
     with open(log, "w") as stderr:
         code = subprocess.run(command, stderr=stderr, stdout=subprocess.DEVNULL, env=env).returncode
@@ -101,10 +155,10 @@ def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_re
     dones = [stamp(e) for e in events if e.get("event") == "shard_done"]
     seconds = max(dones) - min(claims)
     warm_ups = [e["warm_up_seconds"] for e in events if e.get("event") == "engine_ready"]
-    result = {"gpus": gpus, "workers": len(workers), "reads": summary["reads"], "frames": summary["frames"],
+    result = {"gpus": gpus, "reuse": reuse, "workers": len(workers), "reads": summary["reads"], "frames": summary["frames"],
               "shards": summary["shards"], "seconds": round(seconds, 2), "frames_per_s": summary["frames"] / seconds,
               "wall_s": round(wall, 1), "warm_up_s": warm_ups, "per_worker": list(workers.values())}
-    print(f"  {gpus} GPU(s): {result['workers']} workers, {result['reads']} reads, {result['frames']} frames in "
+    print(f"  {gpus} GPU(s){'' if reuse else ' without reuse'}: {result['workers']} workers, {result['reads']} reads, {result['frames']} frames in "
           f"{seconds:.2f} s = {result['frames_per_s']:,.0f} frames/s; wall {wall:.1f} s; warm-ups {warm_ups} s; "
           f"per worker {result['per_worker']}", flush=True)
     return result
@@ -133,19 +187,53 @@ def main() -> int:
     parser.add_argument("--reads-per-gpu", type=int, default=12000)
     parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to run (default: 1)")
     parser.add_argument("--shards-per-gpu", type=int, default=4)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: demo-size models, one worker (a smoke test of this script)")
+    parser.add_argument("--repeat-fraction", type=float, default=0.0,
+                        help="share of the reads that copy an earlier read, at random positions (default: 0)")
+    parser.add_argument("--compare-reuse", action="store_true",
+                        help="run each job without reuse (--no-reuse), then with it; print both and the ratio")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
-    available = torch.cuda.device_count()
-    if max(args.gpus) > available:
-        raise SystemExit(f"asked for {max(args.gpus)} GPUs, {available} visible")
+    cuda = args.device == "cuda"
+    if cuda and max(args.gpus) > torch.cuda.device_count():
+        raise SystemExit(f"asked for {max(args.gpus)} GPUs, {torch.cuda.device_count()} visible")
+    if not cuda and args.gpus != [1]:
+        raise SystemExit("--device cpu runs one worker: leave --gpus at 1")
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    models = write_models(work / "models")
-    runs = []
+    models = write_models(work / "models", full_size=cuda)
+    runs, compared = [], []
     for gpus in args.gpus:
-        reads = synthetic_reads(args.reads_per_gpu * gpus)
+        reads = with_repeats(synthetic_reads(args.reads_per_gpu * gpus), args.repeat_fraction)
         shard_reads = max(1, len(reads) // (args.shards_per_gpu * gpus))
-        runs.append(run_job(work, models, gpus, reads, shard_reads))
+        repeats, same_shard = repeats_in_shard(reads, shard_reads)
+        print(f"{len(reads)} reads, {repeats} repeating an earlier read, {same_shard} of them in the same "
+              f"shard of {shard_reads} reads (the repeats reuse can find)", flush=True)
+        if args.compare_reuse:
+            without = run_job(work, models, gpus, reads, shard_reads, args.device, reuse=False)
+            runs.append(without)
+        runs.append(run_job(work, models, gpus, reads, shard_reads, args.device))
+        if args.compare_reuse:
+            runs[-1]["repeats"], runs[-1]["repeats_in_shard"] = repeats, same_shard
+            compared.append((without, runs[-1]))
+
+    if compared:
+        print("| GPUs | reads | repeating reads (in the same shard) | frames | frames/s without reuse | "
+              "frames/s with reuse | ratio |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for without, reused in compared:
+            reused["vs_no_reuse"] = reused["frames_per_s"] / without["frames_per_s"]
+            print(f"| {reused['gpus']} | {reused['reads']} | {reused['repeats']} ({reused['repeats_in_shard']}) | "
+                  f"{reused['frames']} | {without['frames_per_s']:,.1f} | {reused['frames_per_s']:,.1f} | "
+                  f"{reused['vs_no_reuse']:.2f}x |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"runs": runs}, indent=2))
+        return 0
+    if not cuda:
+        for run in runs:
+            print(f"| {run['gpus']} | {run['reads']} | {run['frames']} | {run['frames_per_s']:,.1f} |")
+        return 0
 
     reads = synthetic_reads(args.reads_per_gpu)
     chunks = [c for r in reads for c in chunk_record(r.id, r.sequence, 500)]

@@ -6,7 +6,7 @@ in the same order, including records that could not be scored (with the reason w
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
@@ -17,6 +17,7 @@ from core.classifier import Classifier, check_chunk_length, load_classifier
 from core.dnabert import DNABERTEncoder, load_dnabert
 from core.errors import ModelLoadError, NonFiniteEmbedding
 from core.esm2 import ESM2Encoder, load_esm2
+from core.memo import MEMO_SEQUENCES, EmbeddingMemo, Lookup
 from core.reads import Record
 from core.frames import Frame, chunk_record, open_frames
 from core.outputs import FrameScore, ReadSummary, chunk_calls
@@ -33,14 +34,37 @@ class ReadResult:
 
 
 @dataclass
+class _Memos:
+    """A shard's embeddings by sequence, one memo per encoder (`core.memo`)."""
+
+    dna: EmbeddingMemo
+    protein: EmbeddingMemo
+
+
+@dataclass
+class _Embedding:
+    """One encoder's part of a group: what it embeds, and where each distinct sequence's
+    embedding comes from (with reuse; without, every frame's sequence is embedded)."""
+
+    prepared: list  # the encoder's prepared (tokenized, packed, pinned) batches, one per call
+    lookup: Lookup | None = None
+
+
+@dataclass
 class _Group:
-    """One group of reads on its way through the predictor."""
+    """One group of reads on its way through the predictor.
+
+    With reuse, frame i takes the scores of frame `first_equal[i]`, the group's first frame
+    with the same nucleotides and protein (None: without reuse).
+    """
 
     records: list[Record]
     chunks: dict[int, list]
     frames: list[Frame]
-    dna: object = None  # the encoders' prepared (tokenized, packed, pinned) batches
-    protein: object = None
+    dna: _Embedding | None = None
+    protein: _Embedding | None = None
+    first_equal: np.ndarray | None = None
+    indices: torch.Tensor | None = None  # every index array the device needs, in one pinned tensor
     features: torch.Tensor | None = None  # on the device once launched
     probabilities: torch.Tensor | None = None
     finite: torch.Tensor | None = None
@@ -57,6 +81,30 @@ class Predictor:
     wait for g's results and yield them. One thread, so the GIL never slows the kernel
     launches. On the CPU the groups run one after another. `timings` accumulates where the
     host spent its time (seconds), for the log.
+
+    Reuse (`reuse=True`, the default): within one `predict` call (a shard), each distinct
+    nucleotide slice and each distinct protein is embedded once and its embedding used for
+    every frame that has it, in that group and in later ones (`core.memo`: at most
+    `memo_sequences` of each, least recently used dropped first). The classifier still
+    scores all the group's frames in one batch, as without reuse (its kernels round by batch
+    shape, even on the CPU), and equal frames of a group take the first one's scores: equal
+    scores by construction. Equal frames of different groups have bit-equal features; their
+    scores can differ in the last digits, as before. Which sequences are embedded in which
+    packed batch depends only on the shard's reads, never on timing: a run is as
+    deterministic as before.
+
+    What a resume changes (the worker resumes a shard at a committed group boundary and
+    passes the reads before it as `earlier`): the memo learns their sequences but not their
+    embeddings, so every later group embeds the same new sequences in the same batches as
+    an uninterrupted run; only a sequence first met before the resume point and met again
+    after it is embedded anew, apart. On the CPU (fp32) an embedding does not depend on the
+    other sequences of its batch (`tests/test_reuse.py` checks it), so a resumed shard is
+    byte-identical. On a GPU the last bits of a kernel's result may depend on the batch's
+    composition: there the frames having such a sequence may differ in the last digits
+    from an uninterrupted run; every other frame is byte-identical. Scoping the memo to
+    commits instead would tie results to the checkpoint timer, and a memo per group finds
+    few of the repeats real data has. `reuse=False` embeds every frame's sequences (for
+    benchmarks; the results of before, bit for bit).
     """
 
     def __init__(
@@ -67,20 +115,23 @@ class Predictor:
         chunk_length: int,
         group_reads: int = 512,
         pipelined: bool | None = None,
+        reuse: bool = True,
+        memo_sequences: int = MEMO_SEQUENCES,
     ) -> None:
         check_widths(classifier.input_dim, dnabert.dim, esm.dim)
         self.dnabert, self.esm, self.classifier = dnabert, esm, classifier
         self.chunk_length = chunk_length
         self.group_reads = group_reads
         self.pipelined = esm.device.type == "cuda" if pipelined is None else pipelined
+        self.reuse, self.memo_sequences = reuse, memo_sequences
         self.timings = dict.fromkeys(("prepare", "launch", "wait", "results"), 0.0)
 
     @property
     def engine(self) -> dict[str, object]:
         """What runs where, for the log: each encoder's precision, attention backend, compile
-        state, and token budget per packed batch."""
+        state, token budget per packed batch, and whether repeated sequences are reused."""
         return {"dnabert": self.dnabert.backend, "esm": self.esm.backend,
-                "device": str(self.esm.device), "batch_tokens": self.esm.batch_tokens}
+                "device": str(self.esm.device), "batch_tokens": self.esm.batch_tokens, "reuse": self.reuse}
 
     def warm_up(self) -> float:
         """Compile both encoders for every batch shape they will meet; seconds spent (about
@@ -91,14 +142,30 @@ class Predictor:
         self.esm.warm_up()
         return time.perf_counter() - started
 
-    def predict(self, records: Iterable[Record], with_features: bool = False) -> Iterator[ReadResult]:
+    def predict(
+        self, records: Iterable[Record], with_features: bool = False, earlier: Iterable[Record] = ()
+    ) -> Iterator[ReadResult]:
+        """One ReadResult per record of `records`, in order. `earlier`: the reads of the same
+        shard scored before these (a resumed shard's committed reads, whole groups), read to
+        the end before `records` is touched; they are not scored (see the class)."""
+        memos = None
+        if self.reuse:
+            device = self.esm.device
+            memos = _Memos(EmbeddingMemo(self.memo_sequences, self.dnabert.dim, device),
+                           EmbeddingMemo(self.memo_sequences, self.esm.dim, device))
+        earlier = iter(earlier)
+        while group_records := list(islice(earlier, self.group_reads)):
+            if memos is not None:
+                frames = self._frames(group_records)[1]
+                memos.dna.remember(_distinct([f.nucleotide for f in frames])[0])
+                memos.protein.remember(_distinct([f.protein for f in frames])[0])
         records = iter(records)
         pending: _Group | None = None  # queued on the device, results not yet taken
         while True:
             try:  # host work for the next group, while the device runs `pending`
                 started = time.perf_counter()
                 group_records = list(islice(records, self.group_reads))
-                group = self._prepare(group_records) if group_records else None
+                group = self._prepare(group_records, memos) if group_records else None
                 self.timings["prepare"] += time.perf_counter() - started
             except Exception:
                 if pending is not None:  # what was read before the bad record is still answered
@@ -106,7 +173,7 @@ class Predictor:
                 raise
             if group is not None:
                 started = time.perf_counter()
-                self._launch(group, with_features)
+                self._launch(group, with_features, memos)
                 self.timings["launch"] += time.perf_counter() - started
             if pending is not None:
                 yield from self._collect(pending, with_features)
@@ -117,38 +184,88 @@ class Predictor:
             else:
                 yield from self._collect(group, with_features)
 
-    def _prepare(self, records: list[Record]) -> _Group:
-        """Host work for one group: chunks, open frames, tokenized and packed batches."""
+    def _frames(self, records: list[Record]) -> tuple[dict[int, list], list[Frame]]:
+        """The chunks of each scorable record (by its place in `records`) and all their open frames."""
         chunks = {
             i: chunk_record(r.id, r.sequence, self.chunk_length)
             for i, r in enumerate(records)
             if r.status is None
         }
         flat = [chunk for read_chunks in chunks.values() for chunk in read_chunks]
-        frames = [frame for chunk_frames in open_frames(flat) for frame in chunk_frames]
-        group = _Group(records, chunks, frames)
-        if frames:
-            group.dna = self.dnabert.prepare([f.nucleotide for f in frames])
-            group.protein = self.esm.prepare([f.protein for f in frames])
+        return chunks, [frame for chunk_frames in open_frames(flat) for frame in chunk_frames]
+
+    def _prepare(self, records: list[Record], memos: _Memos | None) -> _Group:
+        """Host work for one group: chunks, open frames, what to embed, tokenized and packed."""
+        group = _Group(records, *self._frames(records))
+        frames = group.frames
+        if not frames:
+            return group
+        nucleotides, proteins = [f.nucleotide for f in frames], [f.protein for f in frames]
+        if memos is None:
+            group.dna = _Embedding([self.dnabert.prepare(nucleotides)])
+            group.protein = _Embedding([self.esm.prepare(proteins)])
+            return group
+        dna_keys, dna_of_frame = _distinct(nucleotides)
+        protein_keys, protein_of_frame = _distinct(proteins)
+        _, frame_pair = _distinct((dna_of_frame * len(protein_keys) + protein_of_frame).tolist())
+        first = np.full(len(frames), len(frames), np.int64)
+        np.minimum.at(first, frame_pair, np.arange(len(frames)))
+        group.first_equal = first[frame_pair]
+        group.dna = self._embedding(self.dnabert, memos.dna.plan(dna_keys))
+        group.protein = self._embedding(self.esm, memos.protein.plan(protein_keys))
+        arrays = [*group.dna.lookup.indices(), *group.protein.lookup.indices(), dna_of_frame, protein_of_frame]
+        indices = torch.from_numpy(np.concatenate(arrays))
+        group.indices = indices.pin_memory() if self.esm.device.type == "cuda" else indices
         return group
 
-    def _launch(self, group: _Group, with_features: bool) -> None:
+    @staticmethod
+    def _embedding(encoder: DNABERTEncoder | ESM2Encoder, lookup: Lookup) -> _Embedding:
+        """The new sequences packed together (the batches any run over these reads forms), the
+        recovered ones apart."""
+        return _Embedding([encoder.prepare(batch) for batch in (lookup.new, lookup.recovered) if batch], lookup)
+
+    def _launch(self, group: _Group, with_features: bool, memos: _Memos | None) -> None:
         """Queue the group's device work and the copies of its results back to the host."""
         if not group.frames:
             return
-        dna, dna_ok = self.dnabert.run(group.dna)
-        protein, protein_ok = self.esm.run(group.protein)
-        group.dna = group.protein = None
+        if memos is None:
+            dna, dna_ok = self.dnabert.run(group.dna.prepared[0])
+            protein, protein_ok = self.esm.run(group.protein.prepared[0])
+            finite = dna_ok & protein_ok
+        else:
+            lengths = [len(a) for a in group.dna.lookup.indices() + group.protein.lookup.indices()]
+            count = len(group.frames)
+            pieces = torch.split(group.indices.to(self.esm.device, non_blocking=True), [*lengths, count, count])
+            dna_rows = self._embedded(self.dnabert, group.dna, memos.dna, list(pieces[:5]))
+            protein_rows = self._embedded(self.esm, group.protein, memos.protein, list(pieces[5:10]))
+            with torch.inference_mode():
+                dna, protein = dna_rows[pieces[10]], protein_rows[pieces[11]]
+            finite = None
+        group.dna = group.protein = group.indices = None
         with torch.inference_mode():
             features = torch.cat([dna, protein], dim=1)
             probabilities = self.classifier.score(features)
+            if finite is None:
+                finite = torch.isfinite(features).all(dim=1)
         on_gpu = features.device.type == "cuda"
         group.probabilities = probabilities.to("cpu", non_blocking=on_gpu)
-        group.finite = (dna_ok & protein_ok).to("cpu", non_blocking=on_gpu)
+        group.finite = finite.to("cpu", non_blocking=on_gpu)
         group.features = features.to("cpu", non_blocking=on_gpu) if with_features else None
         if on_gpu:
             group.done = torch.cuda.Event()
             group.done.record()
+
+    @staticmethod
+    def _embedded(encoder: DNABERTEncoder | ESM2Encoder, embedding: _Embedding, memo: EmbeddingMemo,
+                  indices: list[torch.Tensor]) -> torch.Tensor:
+        """The embedding of each distinct sequence of the group, on the device: the fresh
+        ones run through the encoder, the others from the memo."""
+        runs = [encoder.run(prepared)[0] for prepared in embedding.prepared]
+        if not runs:
+            fresh = torch.empty(0, encoder.dim, dtype=torch.float32, device=encoder.device)
+        else:
+            fresh = runs[0] if len(runs) == 1 else torch.cat(runs)
+        return memo.gather(embedding.lookup, indices, fresh)
 
     def _collect(self, group: _Group, with_features: bool) -> Iterator[ReadResult]:
         """Wait for the group's results and yield one ReadResult per record, in input order."""
@@ -161,11 +278,13 @@ class Predictor:
         started = time.perf_counter()
         if frames:
             finite = group.finite.numpy()
+            probabilities = group.probabilities.numpy()
+            features = group.features.numpy() if with_features else None
+            if group.first_equal is not None:  # equal frames, equal scores: the first one's
+                probabilities = probabilities[group.first_equal]
             if not finite.all():
                 bad = np.flatnonzero(~finite).tolist()
                 raise NonFiniteEmbedding("DNABERT-S/ESM-2", bad, [frames[i].id for i in bad])
-            probabilities = group.probabilities.numpy()
-            features = group.features.numpy() if with_features else None
         else:
             probabilities = np.zeros((0, 2), np.float32)
             features = np.zeros((0, width), np.float32) if with_features else None
@@ -185,6 +304,13 @@ class Predictor:
             ))
         self.timings["results"] += time.perf_counter() - started
         yield from results
+
+
+def _distinct(items: list[Hashable]) -> tuple[list, np.ndarray]:
+    """The distinct items in the order they first occur, and each item's index among them."""
+    index: dict = {}
+    rows = np.fromiter((index.setdefault(item, len(index)) for item in items), np.int64, count=len(items))
+    return list(index), rows
 
 
 def _summarize(record: Record, n_chunks: int, scores: list[FrameScore]) -> ReadSummary:
@@ -219,11 +345,13 @@ def load_predictor(
     batch_tokens: int | None = None,
     compile: bool = True,
     group_reads: int = 512,
+    reuse: bool = True,
 ) -> Predictor:
     """Load the three models from local paths (or names the libraries can resolve).
 
     compile=False keeps the GPU engine eager (slower; for debugging the compiler away);
-    `group_reads` reads are scored together (see `Predictor`)."""
+    `group_reads` reads are scored together; reuse=False embeds repeated sequences again
+    (see `Predictor`)."""
     target = resolve_device(device)
     scorer = load_classifier(classifier, target)
     length = check_chunk_length(scorer, chunk_length, force_chunk_length)
@@ -234,6 +362,7 @@ def load_predictor(
         scorer,
         length,
         group_reads,
+        reuse=reuse,
     )
 
 

@@ -124,6 +124,7 @@ class _BatchRun:
             "chunk_length": chunk_length,
             "write_features": self.config.write_features,
             "group_reads": self.config.group_reads,
+            "reuse": self.config.reuse,
             "min_virus_score": self.config.min_virus_score,
             "write_viral_reads": self.config.write_viral_reads,
         }

@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--slots", type=int, help="number of slots (default: AWS_BATCH_JOB_ARRAY_SIZE)")
     batch.add_argument("--shard-reads", type=int, default=RunConfig.shard_reads, help="reads per shard (default: automatic, about 32 shards of 500 to 20,000 reads)")
     batch.add_argument("--group-reads", type=int, default=RunConfig.group_reads, help="reads scored together (default: %(default)s; changes the last digits of scores)")
+    batch.add_argument("--no-reuse", dest="reuse", action="store_false", help="embed every frame, even one whose nucleotides or protein were embedded earlier in its shard (slower; for benchmarks; changes the last digits of scores on a GPU)")
     batch.add_argument("--checkpoint-seconds", type=float, default=RunConfig.checkpoint_seconds, help="commit results at least this often (default: %(default)s)")
     batch.add_argument("--grace-seconds", type=float, default=RunConfig.grace_seconds, help="time to stop after SIGTERM (default: %(default)s)")
     batch.add_argument("--lease-seconds", type=float, default=RunConfig.lease_seconds, help="a shard's lease lasts this long unless renewed (default: %(default)s)")
@@ -162,6 +163,7 @@ def _run(args: argparse.Namespace) -> int:
         slots=slots,
         shard_reads=args.shard_reads,
         group_reads=args.group_reads,
+        reuse=args.reuse,
         checkpoint_seconds=args.checkpoint_seconds,
         grace_seconds=args.grace_seconds,
         lease_seconds=args.lease_seconds,

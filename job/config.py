@@ -38,6 +38,10 @@ class RunConfig:
     # compositions, so each shard is scored in fixed groups from its first read: the same
     # scores however often the shard is interrupted. Changes results: recorded in the plan.
     group_reads: int = 512
+    # Each distinct nucleotide slice and protein of a shard embedded once (core/pipeline.py).
+    # Off embeds every frame again (for benchmarks). On a GPU it changes the last digits of
+    # scores, so it is recorded in the plan too.
+    reuse: bool = True
     checkpoint_seconds: float = 30.0
     grace_seconds: float = 25.0
     lease_seconds: float = 120.0

@@ -206,11 +206,12 @@ class Worker:
         renewer = _ShardRenewer(lease, skip, log)
         renewer.start()
         try:
-            records = islice(shard_records(self.plan, shard, self.config.s3_endpoint_url, self.store), skip, None)
+            records = iter(shard_records(self.plan, shard, self.config.s3_endpoint_url, self.store))
+            earlier = islice(records, skip)  # read first, by the predictor (its memo of sequences)
             self.sequences.clear()
             if self.plan.settings.get("write_viral_reads"):
                 records = _remembered(records, self.sequences)
-            self._predict_into(lease, records, renewer, log)
+            self._predict_into(lease, earlier, records, renewer, log)
             if lease.lost.is_set():
                 log.warning("lease_lost", message="another worker took this shard over; dropping it")
             elif lease.state.done:
@@ -246,17 +247,21 @@ class Worker:
         if acquired:
             self.writing.release()
 
-    def _predict_into(self, lease: ShardLease, records: Iterator[Record], renewer: _ShardRenewer, log) -> None:  # noqa: ANN001
+    def _predict_into(
+        self, lease: ShardLease, earlier: Iterator[Record], records: Iterator[Record], renewer: _ShardRenewer, log,  # noqa: ANN001
+    ) -> None:
         """Score the records and commit parts at group boundaries only.
 
         The predictor forms groups of `group_reads` from the first record it is given, and a
         resumed shard starts at a commit, so it forms the same groups (and gets the same
-        scores) as an uninterrupted one.
+        scores) as an uninterrupted one. It is given the committed reads (`earlier`) too, not
+        to score them but so that its memo of embedded sequences knows them: see `Predictor`
+        for what a resume can change in the last digits on a GPU.
         """
         shard_reads = self.plan.shards[lease.state.index].reads
         buffer: list[ReadResult] = []
         started = time.monotonic()
-        results = self.predictor.predict(records, with_features=self.config.write_features)
+        results = self.predictor.predict(records, with_features=self.config.write_features, earlier=earlier)
         try:
             for result in results:
                 buffer.append(result)
@@ -401,6 +406,7 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
     predictor = load_predictor(
         config.esm_model, config.dnabert_model, config.classifier, config.chunk_length,
         config.force_chunk_length, config.device, config.batch_tokens, config.compile, config.group_reads,
+        config.reuse,
     )
     device = str(resolve_device(config.device))
     if stop.is_set():

@@ -244,19 +244,24 @@ STOPS = {"TAA", "TAG", "TGA"}
 CODONS = [a + b + c for a in "ACGT" for b in "ACGT" for c in "ACGT" if a + b + c not in STOPS]
 
 
-def write_reads(path: Path, count: int, seed: int) -> list[str]:
+def write_reads(path: Path, count: int, seed: int, repeats: float = 0.0) -> list[str]:
     """A FASTA of `count` reads, most with an open frame, plus the awkward cases; returns the ids.
 
     Includes an empty record, a 2 bp read, a repeated id, invalid characters and lowercase.
+    With `repeats`, that share of the reads after the first 12 copy an earlier read's letters
+    (under their own ids), as duplicates in sequencing data do.
     """
     rng = random.Random(seed)
-    ids, lines = [], []
+    ids, lines, sequences = [], [], []
     for n in range(count):
         length = rng.choice([90, 150, 300, 480, 501, 700, 1100])
         if rng.random() < 0.75:
             sequence = "".join(rng.choice(CODONS) for _ in range(length // 3))
         else:
             sequence = "".join(rng.choice("ACGT") for _ in range(length))
+        if repeats and n > 12 and rng.random() < repeats:
+            sequence = rng.choice(sequences[12:])
+        sequences.append(sequence)
         read_id = f"read{n:04d}"
         if n == 3:
             sequence = ""

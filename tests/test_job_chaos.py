@@ -1,6 +1,8 @@
 """The batch job under fire: kills at random moments, a zombie worker, racing starters,
 clocks 10 leases apart, S3 faults and a spot notice. Every run ends with outputs
 byte-identical to an uninterrupted run, and every input read exactly once in reads.tsv.
+30% of the reads repeat earlier ones, so embeddings are reused within and across groups, and
+across the resume points (core/pipeline.py).
 
 Shards of 25 reads are committed group by group (6 reads, --checkpoint-seconds 0), so a
 kill often lands inside a shard and its resume restarts it mid-way."""
@@ -33,7 +35,7 @@ KILL_AFTER_EVENTS = {"shard_claimed": 6, "part_committed": 12, "output_written":
 @pytest.fixture(scope="module")
 def reads(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     path = tmp_path_factory.mktemp("chaos") / "reads.fa"
-    return path, write_reads(path, READS, seed=11)
+    return path, write_reads(path, READS, seed=11, repeats=0.3)  # reused embeddings, across resumes too
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,15 @@ class FakePredictor:
         self.group_reads = group_reads
         self.poison = set(poison)
         self.group_sizes: list[int] = []
+        self.earlier: list[list[str]] = []  # each call's `earlier` reads
 
     def warm_up(self) -> float:
         return 0.0
 
-    def predict(self, records: Iterable[Record], with_features: bool = False) -> Iterator[ReadResult]:
+    def predict(
+        self, records: Iterable[Record], with_features: bool = False, earlier: Iterable[Record] = ()
+    ) -> Iterator[ReadResult]:
+        self.earlier.append([record.id for record in earlier])  # read first, as the real predictor does
         records = iter(records)
         while group := list(islice(records, self.group_reads)):
             self.group_sizes.append(len(group))
@@ -131,6 +135,16 @@ def test_a_shard_that_keeps_failing_is_reported(tmp_path: Path) -> None:
     reads = (Path(run.output) / "reads.tsv").read_text().splitlines()[1:]
     assert [line.split("\t")[0] for line in reads] == [f"r{i:03d}" for i in range(30)] + ["r001"]
     assert reads[15].split("\t")[5:7] == ["none", "shard_failed"]
+
+
+def test_a_resumed_shard_gives_the_predictor_its_committed_reads_first(tmp_path: Path) -> None:
+    """The predictor's memo of sequences learns the reads before the resume point (not scored)."""
+    run, store = make_run(tmp_path, 20, shard_reads=10, group_reads=2, checkpoint_seconds=0.0, max_attempts=2)
+    predictor = FakePredictor(2, poison={"r015"})
+    assert work(run, store, predictor) == 0
+    # shard 0, shard 1, its retry (after r010 .. r013 were committed), shard 2 (the duplicate r001)
+    assert predictor.earlier == [[], [], [f"r{i:03d}" for i in range(10, 14)], []]
+    assert predictor.group_sizes == [2] * 5 + [2] * 3 + [2] + [1]  # the retry starts at r014: none scored twice
 
 
 def test_two_workers_share_without_overlap(tmp_path: Path) -> None:
