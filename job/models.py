@@ -3,7 +3,9 @@
 An `s3://` model (a file, or a directory prefix for DNABERT-S) is downloaded once into the
 model cache and reused while its ETags stay the same. Every model's sha256 (of the file, or
 of the sorted per-file digests of a directory) is recorded in the plan; a name that is
-neither a local path nor an S3 URI (a hub id) is recorded as given.
+neither a local path nor an S3 URI (a hub id) is recorded as given. Workers on a GPU keep
+the encoders' weights as run, and the compiler's artifacts, beside the downloads
+(`weights_cache`, `compiler_cache_dir`; the formats are core.model_cache's).
 """
 from __future__ import annotations
 
@@ -12,11 +14,16 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from job import s3
 from job.errors import BadInput
+
+if TYPE_CHECKING:
+    from core.model_cache import WeightsCache
 
 _BLOCK = 8 * 2**20
 
@@ -101,3 +108,18 @@ def _cached(manifest: Path, etags: dict[str, str]) -> str | None:
         return None
     recorded = json.loads(manifest.read_text())
     return recorded["sha256"] if recorded["etags"] == etags else None
+
+
+def weights_cache(model_cache: str, identity: Mapping[str, object] | None) -> WeightsCache | None:
+    """Where the converted weights of the model with this plan identity (its `identity()`)
+    are kept: `converted/` in the model cache, keyed by the source's sha256. None for a
+    model known only by name: without a checksum a changed source could not be noticed."""
+    from core.model_cache import WeightsCache  # imports torch: only where models are loaded
+
+    digest = (identity or {}).get("sha256")
+    return WeightsCache(Path(model_cache).expanduser() / "converted", str(digest)) if digest else None
+
+
+def compiler_cache_dir(model_cache: str) -> Path:
+    """Where the compiler's artifacts are kept (core.model_cache), beside the converted weights."""
+    return Path(model_cache).expanduser() / "compiled"

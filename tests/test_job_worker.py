@@ -29,13 +29,14 @@ class FakePredictor:
     """Scores from a hash of the read id; raises on reads named in `poison`."""
 
     engine = {"device": "cpu"}
+    compiled = False
 
     def __init__(self, group_reads: int, poison: Iterable[str] = ()) -> None:
         self.group_reads = group_reads
         self.poison = set(poison)
         self.group_sizes: list[int] = []
 
-    def warm_up(self) -> float:
+    def warm_up(self, stop: threading.Event | None = None) -> float:
         return 0.0
 
     def predict(self, records: Iterable[Record], with_features: bool = False) -> Iterator[ReadResult]:
