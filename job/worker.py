@@ -426,7 +426,7 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
         return exit_codes.INTERNAL_ERROR
     if stop.is_set():
         return exit_codes.INTERRUPTED
-    started = time.perf_counter()
+    began = time.perf_counter()
     import torch
 
     from core.pipeline import load_predictor, resolve_device
@@ -449,7 +449,7 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
     )
     device = str(target)
     get_logger(run_id=plan.run_id, pid=os.getpid()).info(
-        "models_loaded", import_seconds=round(imported - started, 2), load_seconds=round(time.perf_counter() - imported, 2),
+        "models_loaded", import_seconds=round(imported - began, 2), load_seconds=round(time.perf_counter() - imported, 2),
         esm=predictor.esm.loaded_from, dnabert=predictor.dnabert.loaded_from,
     )
     if stop.is_set():
