@@ -223,7 +223,7 @@ status, loaded = load_compiler_artifacts(path)
 def f(x): return torch.nn.functional.gelu(x) * 3 + 1
 x = torch.randn(50, 8); torch._dynamo.mark_dynamic(x, 0)
 torch.compile(f)(x)
-print(status, len(loaded), save_compiler_artifacts(path, loaded))
+print(status, len(loaded), save_compiler_artifacts(path, loaded), sep="|")
 """
 
 
@@ -231,12 +231,12 @@ print(status, len(loaded), save_compiler_artifacts(path, loaded))
 def test_compiler_artifacts_saved_once_and_loaded_by_the_next_process(tmp_path):
     path = compiler_artifacts_path(tmp_path / "compiled", "k")
 
-    def fresh_process() -> str:
+    def fresh_process() -> list[str]:
         env = {**subprocess_env(), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{time.monotonic_ns()}")}
         done = subprocess.run([sys.executable, "-c", COMPILE_AND_SAVE, str(path)], capture_output=True, text=True,
                               env=env, timeout=300)
         assert done.returncode == 0, done.stderr
-        return done.stdout.split()
+        return done.stdout.strip().split("|")
 
     status, count, saved = fresh_process()
     assert (status, count, saved) == ("missing", "0", "saved") and path.is_file()
