@@ -300,3 +300,41 @@ def test_a_stop_during_the_warm_up_exits_75_in_the_grace_period_without_a_lease(
         for shard in plan.shards:
             state = read_shard(store, shard.index)[0]
             assert state.owner is None and state.attempt == 0 and state.reads_done == 0
+
+
+# --- the parent's checksums -------------------------------------------------------------------
+
+
+def test_a_model_checksum_is_remembered_while_its_files_keep_their_size_and_time(models, tmp_path, monkeypatch):
+    import job.models
+
+    hashed: list[str] = []
+    real = job.models._sha256_file
+    monkeypatch.setattr(job.models, "_sha256_file", lambda path: hashed.append(path.name) or real(path))
+    memo = tmp_path / "digests"
+    for source in models.values():
+        old = time.time() - 60  # written a minute ago: no rewrite can hide in the clock tick
+        for file in [source, *source.rglob("*")]:
+            os.utime(file, (old, old))
+    for source in models.values():
+        expected = sha256_path(source)
+        hashed.clear()
+        assert job.models.remembered_sha256(source, memo) == expected and hashed  # hashed once
+        hashed.clear()
+        assert job.models.remembered_sha256(source, memo) == expected and not hashed  # remembered
+    esm = models["esm"]
+    before = job.models.remembered_sha256(esm, memo)
+    size = esm.stat().st_size
+    write_demo_checkpoint(esm, seed=1)  # new weights, the same size, a new time
+    assert esm.stat().st_size == size
+    changed = job.models.remembered_sha256(esm, memo)
+    assert changed == sha256_path(esm) != before
+    hashed.clear()
+    assert job.models.remembered_sha256(esm, memo) == changed and hashed  # just written: not remembered yet
+
+
+def test_a_local_model_is_checksummed_through_the_memo(models, tmp_path):
+    from job.models import localize_model
+
+    model = localize_model(str(models["esm"]), str(tmp_path / "cache"), None)
+    assert model.sha256 == sha256_path(models["esm"])
