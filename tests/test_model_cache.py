@@ -338,3 +338,23 @@ def test_a_local_model_is_checksummed_through_the_memo(models, tmp_path):
 
     model = localize_model(str(models["esm"]), str(tmp_path / "cache"), None)
     assert model.sha256 == sha256_path(models["esm"])
+
+
+def test_the_predictor_loads_both_encoders_from_their_caches_at_once(demo_models, tmp_path):
+    import shutil
+
+    from core.pipeline import load_predictor
+
+    esm, dnabert = tmp_path / "esm.pt", tmp_path / "dnabert"
+    shutil.copy(demo_models / "esm2_demo.pt", esm)
+    shutil.copytree(demo_models / "dnabert_demo", dnabert)
+    caches = {"esm_cache": WeightsCache(tmp_path / "converted", sha256_path(esm)),
+              "dnabert_cache": WeightsCache(tmp_path / "converted", sha256_path(dnabert))}
+    classifier = str(demo_models / "classifier_500.pth")
+    first = load_predictor(str(esm), str(dnabert), classifier, device="cpu", **caches)
+    assert (first.esm.loaded_from, first.dnabert.loaded_from) == ("source (cached now)", "source (cached now)")
+    hidden(esm), hidden(dnabert)
+    second = load_predictor(str(esm), str(dnabert), classifier, device="cpu", **caches)
+    assert (second.esm.loaded_from, second.dnabert.loaded_from) == ("cache", "cache")
+    assert torch.equal(second.esm.embed(PROTEINS), first.esm.embed(PROTEINS))
+    assert torch.equal(second.dnabert.embed(DNA), first.dnabert.embed(DNA))
