@@ -170,11 +170,25 @@ def cold_start_job(work: Path, models: dict[str, str], label: str, model_cache: 
     return result
 
 
-def cold_start(work: Path, models: dict[str, str], device: str, reads: int) -> list[dict]:
+def drop_page_cache() -> None:
+    """Evict the files just written (the models, the caches) from memory, as on a fresh
+    machine; needs root outside a container's read-only /proc/sys. Says whether it worked."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        print("  page cache dropped: the models and caches are read from disk", flush=True)
+    except OSError as error:
+        print(f"  page cache NOT dropped ({error}): the models and caches are read from memory", flush=True)
+
+
+def cold_start(work: Path, models: dict[str, str], device: str, reads: int, drop: bool) -> list[dict]:
     """(a) empty caches, then (b) the model cache (a) left behind, compiler dirs empty again."""
     model_cache = work / "model-cache"
-    runs = [cold_start_job(work, models, label, model_cache, synthetic_reads(reads, seed=index), device)
-            for index, label in enumerate(("empty-caches", "caches-populated"))]
+    runs = []
+    for index, label in enumerate(("empty-caches", "caches-populated")):
+        if drop:
+            drop_page_cache()
+        runs.append(cold_start_job(work, models, label, model_cache, synthetic_reads(reads, seed=index), device))
     print("| step | empty caches (s) | caches populated (s) |")
     print("| --- | ---: | ---: |")
     for step, _ in COLD_START_STEPS:
@@ -211,6 +225,8 @@ def main() -> int:
                         help="measure only the time from the command's start to the first scored batch, "
                              "with empty caches and with the caches the first run left (issue 14)")
     parser.add_argument("--smoke", action="store_true", help="with --cold-start: demo models on the CPU")
+    parser.add_argument("--drop-page-cache", action="store_true",
+                        help="with --cold-start: drop the page cache before each run (root), as on a fresh machine")
     args = parser.parse_args()
     if args.cold_start:
         work = Path(args.work)
@@ -223,7 +239,7 @@ def main() -> int:
                       "classifier": str(work / "models" / "classifier_500.pth")}
         else:
             models = write_models(work / "models")
-        runs = cold_start(work, models, "cpu" if args.smoke else "cuda", 24 if args.smoke else 2048)
+        runs = cold_start(work, models, "cpu" if args.smoke else "cuda", 24 if args.smoke else 2048, args.drop_page_cache)
         if args.json:
             Path(args.json).write_text(json.dumps({"cold_start": runs}, indent=2))
         return 0
