@@ -377,7 +377,7 @@ class DNABERTEncoder:
     (device work, no sync) let a caller overlap the two.
     """
 
-    loaded_from = "given"  # load_dnabert sets it: "cache", "source" or "source (cached now)", for the log
+    loaded_from = "given"  # load_dnabert sets it: "cache", "source", "source (cached now)" or "source (caching)", for the log
 
     def __init__(self, model: DNABERTModel, tokenizer: DNATokenizer, device: torch.device,
                  batch_tokens: int | None, *, attention: str | None = None,
@@ -491,7 +491,7 @@ def load_dnabert(source: str, device: torch.device,
         if cache is not None and cache.write(CACHE_NAME, model.state_dict(), {
             "config": json.dumps(asdict(config)), "tokenizer": (directory / TOKENIZER_FILE).read_text()
         }):
-            loaded_from = "source (cached now)"
+            loaded_from = "source (caching)" if cache.in_background else "source (cached now)"
     encoder = DNABERTEncoder(model, tokenizer, device, batch_tokens, attention=attention, compile=compile)
     encoder.loaded_from = loaded_from
     return encoder

@@ -241,7 +241,7 @@ class ESM2Encoder:
     (device work, no sync) let a caller overlap the two; `embed` does both.
     """
 
-    loaded_from = "given"  # load_esm2 sets it: "cache", "source" or "source (cached now)", for the log
+    loaded_from = "given"  # load_esm2 sets it: "cache", "source", "source (cached now)" or "source (caching)", for the log
 
     def __init__(
         self,
@@ -380,7 +380,7 @@ def load_esm2(
         model = model_from_checkpoint(checkpoint, source, device, dtype)
         del checkpoint
         if cache is not None and cache.write(CACHE_NAME, model.state_dict(), {"config": json.dumps(_architecture(model))}):
-            loaded_from = "source (cached now)"
+            loaded_from = "source (caching)" if cache.in_background else "source (cached now)"
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
     encoder = ESM2Encoder(model, alphabet, device, batch_tokens, attention=attention, compile=compile)
     encoder.loaded_from = loaded_from

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -36,7 +37,6 @@ from pathlib import Path
 import torch
 import xxhash
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,13 @@ ARTIFACTS_FORMAT = b"virnucpro-compiler-artifacts 1\n"
 @dataclass(frozen=True)
 class WeightsCache:
     """Where an encoder's converted weights are kept, and the sha256 of the source they
-    were converted from (the key: a new source is a new file)."""
+    were converted from (the key: a new source is a new file). With `in_background`, `write`
+    returns at once and a thread writes the file while the caller goes on (compiling, say);
+    `finish_writes` waits for such threads."""
 
     directory: Path
     source_sha256: str
+    in_background: bool = False
 
     def path(self, model: str, dtype: torch.dtype) -> Path:
         kind = str(dtype).removeprefix("torch.")
@@ -74,33 +77,56 @@ class WeightsCache:
             return None
 
     def write(self, model: str, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bool:
-        """Store `state` (any device) with `metadata`; False when another process is writing it
-        now or it could not be written (a warning says why; the run goes on without it)."""
+        """Store `state` (any device; not to be modified meanwhile) with `metadata`. False when
+        another process is writing it now or it could not be written (a warning says why; the
+        run goes on without it); in the background, True once the writer thread started."""
         dtype = next(t.dtype for t in state.values() if t.is_floating_point())
         path = self.path(model, dtype)
         header = {**metadata, "format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, "model": model,
                   "dtype": str(dtype), "source_sha256": self.source_sha256}
-        try:
-            return write_weights(path, state, header)
-        except OSError as error:
-            log.warning("could not keep converted weights in %s (%s); the next start loads the source again",
-                        path, error)
-            return False
+        if not self.in_background:
+            return _write_or_warn(path, state, header)
+        thread = threading.Thread(target=_write_or_warn, args=(path, dict(state), header), daemon=True,
+                                  name=f"write-{path.name}")
+        with _writers_lock:
+            _writers.append(thread)
+        thread.start()
+        return True
 
 
-def weights_digest(tensors: Iterator[tuple[str, Tensor]]) -> str:
-    """xxh3-128 of the names and bytes of (name, CPU tensor) pairs, in the order given."""
-    digest = xxhash.xxh3_128()
-    for name, tensor in tensors:
-        digest.update(name.encode() + b"\0")
-        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+_writers: list[threading.Thread] = []  # background writes of this process (WeightsCache.in_background)
+_writers_lock = threading.Lock()
+
+
+def finish_writes(timeout: float | None = None) -> bool:
+    """Wait up to `timeout` seconds for this process's background writes; True when none is
+    left. (A process that exits first leaves a temporary file, removed by a later writer.)"""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _writers_lock:
+        threads = list(_writers)
+    for thread in threads:
+        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    with _writers_lock:
+        _writers[:] = [t for t in _writers if t.is_alive()]
+        return not _writers
+
+
+def _write_or_warn(path: Path, state: Mapping[str, Tensor], header: Mapping[str, str]) -> bool:
+    try:
+        return write_weights(path, state, header)
+    except OSError as error:
+        log.warning("could not keep converted weights in %s (%s); the next start loads the source again",
+                    path, error)
+        return False
 
 
 def write_weights(path: Path, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bool:
     """Write `state` as safetensors at `path`, atomically; tensors that share storage with an
     earlier one (tied weights) are stored once and recorded as aliases. False when another
-    process holds the writer's lock (it is writing the same file)."""
+    process holds the writer's lock (it is writing the same file).
+
+    The file is streamed one tensor at a time (each copied to the host, hashed, written), so
+    a GPU model needs no second copy in host memory, and the writes release the GIL."""
     stored: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
     owners: dict[tuple[int, int, tuple[int, ...]], str] = {}
@@ -110,15 +136,46 @@ def write_weights(path: Path, state: Mapping[str, Tensor], metadata: Mapping[str
             aliases[name] = owners[key]
             continue
         owners[key] = name
-        stored[name] = tensor.detach().to("cpu").contiguous()
-    header = dict(metadata)
-    header["aliases"] = json.dumps(aliases, sort_keys=True)
-    header["digest"] = weights_digest((name, stored[name]) for name in sorted(stored))
+        stored[name] = tensor.detach()
     with _writer_lock(path) as locked:
         if not locked:
             return False
-        write_atomically(path, lambda temporary: save_file(stored, str(temporary), metadata=header))
+        write_atomically(path, lambda temporary: _stream_safetensors(temporary, stored, {
+            **metadata, "aliases": json.dumps(aliases, sort_keys=True)}))
     return True
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+_DIGEST_PLACEHOLDER = "0" * 32  # an xxh3-128 hex digest's width: filled in once the data is written
+
+
+def _stream_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
+    """safetensors' layout (8-byte header length, JSON header, the tensors' bytes in the
+    header's order) with metadata["digest"] the xxh3-128 of the names and bytes."""
+    names = sorted(tensors)
+    header: dict[str, object] = {"__metadata__": {**metadata, "digest": _DIGEST_PLACEHOLDER}}
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    digest = xxhash.xxh3_128()
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text)
+        for name in names:
+            data = tensors[name].to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+            digest.update(name.encode() + b"\0")
+            digest.update(data)
+            handle.write(memoryview(data))
+        where = text.index(f'"digest":"{_DIGEST_PLACEHOLDER}"'.encode()) + len(b'"digest":"')
+        handle.seek(8 + where)
+        handle.write(digest.hexdigest().encode())
 
 
 def read_weights(path: Path, expected: Mapping[str, str], device: torch.device) -> tuple[dict[str, Tensor], dict[str, str]]:

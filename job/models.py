@@ -160,7 +160,8 @@ def weights_cache(model_cache: str, identity: Mapping[str, object] | None) -> We
     from core.model_cache import WeightsCache  # imports torch: only where models are loaded
 
     digest = (identity or {}).get("sha256")
-    return WeightsCache(Path(model_cache).expanduser() / "converted", str(digest)) if digest else None
+    # written in the background: the first start does not wait for 5.6 GB to reach the disk
+    return WeightsCache(Path(model_cache).expanduser() / "converted", str(digest), in_background=True) if digest else None
 
 
 def compiler_cache_dir(model_cache: str) -> Path:

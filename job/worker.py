@@ -456,7 +456,12 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
         return exit_codes.INTERRUPTED
     worker = Worker(spec, store, plan, predictor, device, stop)
     started.append(worker)
-    return worker.run()
+    code = worker.run()
+    if code == exit_codes.OK and any(caches.values()):
+        from core.model_cache import finish_writes
+
+        finish_writes()  # converted weights still being written: the next start wants them whole
+    return code
 
 
 if __name__ == "__main__":

@@ -358,3 +358,16 @@ def test_the_predictor_loads_both_encoders_from_their_caches_at_once(demo_models
     assert (second.esm.loaded_from, second.dnabert.loaded_from) == ("cache", "cache")
     assert torch.equal(second.esm.embed(PROTEINS), first.esm.embed(PROTEINS))
     assert torch.equal(second.dnabert.embed(DNA), first.dnabert.embed(DNA))
+
+
+def test_converted_weights_written_in_the_background(models, tmp_path):
+    from core.model_cache import finish_writes
+
+    source = models["esm"]
+    cache = WeightsCache(tmp_path / "converted", sha256_path(source), in_background=True)
+    first = load_esm2(str(source), CPU, cache=cache)
+    assert first.loaded_from == "source (caching)"
+    assert finish_writes(timeout=120)
+    hidden(source)
+    again = load_esm2(str(source), CPU, cache=cache)
+    assert again.loaded_from == "cache" and torch.equal(again.embed(PROTEINS), first.embed(PROTEINS))
