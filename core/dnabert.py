@@ -482,11 +482,11 @@ def load_dnabert(source: str, device: torch.device,
     else:
         directory = resolve_model_dir(source)
         config = DNABERTConfig.from_dict(_read_json(directory / CONFIG_FILE))
-        model = DNABERTModel(config, dtype)
-        load_published_state_dict(model, _read_weights(directory))
+        model = _unfilled_model(config, dtype, device)
+        load_published_state_dict(model, _read_weights(directory))  # strict: every parameter is filled
         tokenizer = DNATokenizer.from_file(_require_file(directory / TOKENIZER_FILE))
         check_vocabulary(tokenizer, config, directory)
-        model = model.to(device).eval().requires_grad_(False)
+        model = model.eval().requires_grad_(False)
         loaded_from = "source"
         if cache is not None and cache.write(CACHE_NAME, model.state_dict(), {
             "config": json.dumps(asdict(config)), "tokenizer": (directory / TOKENIZER_FILE).read_text()
@@ -495,6 +495,22 @@ def load_dnabert(source: str, device: torch.device,
     encoder = DNABERTEncoder(model, tokenizer, device, batch_tokens, attention=attention, compile=compile)
     encoder.loaded_from = loaded_from
     return encoder
+
+
+def _unfilled_model(config: DNABERTConfig, dtype: torch.dtype, device: torch.device) -> DNABERTModel:
+    """The model on `device` with its parameters allocated but not initialised: they are
+    about to be loaded (a random initialisation of DNABERT-S's 117M costs seconds)."""
+    with torch.device("meta"):
+        model = DNABERTModel(config, dtype)
+    model.to_empty(device=device)
+    _set_slopes(model, device)
+    return model
+
+
+def _set_slopes(model: DNABERTModel, device: torch.device) -> None:
+    """The ALiBi slopes (a buffer outside the state dict) of a model built on the meta device."""
+    model.alibi_slopes = torch.tensor(alibi_slopes(model.config.num_attention_heads), dtype=torch.float32,
+                                      device=device)
 
 
 def model_from_cache(cache: WeightsCache, device: torch.device,
@@ -510,8 +526,7 @@ def model_from_cache(cache: WeightsCache, device: torch.device,
         with torch.device("meta"):
             model = DNABERTModel(config, dtype)
         model.load_state_dict(state, assign=True)  # the loaded tensors become the parameters
-        # not in the state dict (not persistent): made again, on the device
-        model.alibi_slopes = torch.tensor(alibi_slopes(config.num_attention_heads), dtype=torch.float32, device=device)
+        _set_slopes(model, device)
         tokenizer = DNATokenizer(Tokenizer.from_str(metadata["tokenizer"]))
     except Exception as error:  # noqa: BLE001 - the tokenizers library raises plain Exception
         log.warning("ignoring the converted weights of %s: they do not fit DNABERT-S (%s)", cache.source_sha256[:12], error)

@@ -268,8 +268,9 @@ def check_models(
     """Load and cross-check the three models on the CPU before any work is planned, so that a
     model that cannot work is refused before the run is tied to it: each loads, the DNABERT-S
     tokenizer's ids fit its vocabulary, and the classifier's input width is DNA + protein
-    width. ESM-2's weights are checked by name and shape only, on the meta device (the 3B
-    checkpoint is memory-mapped, never copied). Returns (chunk length, feature width)."""
+    width. The encoders' weights are checked by name and shape only, on the meta device (the
+    files are memory-mapped, never copied: this runs at every start). Returns (chunk length,
+    feature width)."""
     import warnings
 
     from core.esm2 import _checkpoint_path, model_from_checkpoint, read_checkpoint
@@ -277,9 +278,9 @@ def check_models(
     cpu = torch.device("cpu")
     scorer = load_classifier(classifier, cpu)
     length = check_chunk_length(scorer, chunk_length, force_chunk_length)
-    dna_dim = load_dnabert(dnabert_model, cpu, compile=False).dim
     with warnings.catch_warnings():  # loading into meta tensors is a no-op, as intended here
         warnings.simplefilter("ignore", UserWarning)
+        dna_dim = load_dnabert(dnabert_model, torch.device("meta"), compile=False).dim
         checkpoint = read_checkpoint(_checkpoint_path(esm_model))
         protein_dim = model_from_checkpoint(checkpoint, esm_model, torch.device("meta")).embed_dim
     check_widths(scorer.input_dim, dna_dim, protein_dim)
