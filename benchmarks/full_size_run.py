@@ -117,6 +117,7 @@ COLD_START_STEPS = (  # (label, event that ends it), in the order a worker meets
     ("worker: process start, plan read", None),  # the rest of the worker's time to models_loaded
     ("worker: import torch", "import_seconds"),
     ("worker: load both encoders", "load_seconds"),
+    ("worker: compiler artifacts loaded and saved", None),  # engine_ready - models_loaded - the warm-up
     ("worker: warm-up (compile)", "warm_up_seconds"),
     ("worker: first group scored", "first_batch_scored"),
 )
@@ -160,8 +161,9 @@ def cold_start_job(work: Path, models: dict[str, str], label: str, model_cache: 
         - loaded["import_seconds"] - loaded["load_seconds"],
         COLD_START_STEPS[2][0]: loaded["import_seconds"],
         COLD_START_STEPS[3][0]: loaded["load_seconds"],
-        COLD_START_STEPS[4][0]: ready["warm_up_seconds"],
-        COLD_START_STEPS[5][0]: stamp(events["first_batch_scored"]) - stamp(ready),
+        COLD_START_STEPS[4][0]: stamp(ready) - stamp(loaded) - ready["warm_up_seconds"],
+        COLD_START_STEPS[5][0]: ready["warm_up_seconds"],
+        COLD_START_STEPS[6][0]: stamp(events["first_batch_scored"]) - stamp(ready),
     }
     result = {"label": label, "first_batch_s": round(first, 1), "steps_s": {k: round(v, 1) for k, v in steps.items()},
               "esm": loaded["esm"], "dnabert": loaded["dnabert"], "compiler_cache": ready.get("compiler_cache")}
