@@ -219,6 +219,9 @@ class Worker:
             if self.observer.see(shard_key(index), etag, state.owner, state.lease_seconds) > 0:
                 continue  # held by someone else, who renewed it lately
             lease = claim(self.store, index, self.owner, self.config.lease_seconds, self.device, self.observer)
+            if lease is not None and self.stop.is_set():  # stopped while claiming: give it straight back
+                _release_quietly(lease)
+                return None
             if lease is not None:
                 return lease
         return None
