@@ -371,3 +371,27 @@ def test_converted_weights_written_in_the_background(models, tmp_path):
     hidden(source)
     again = load_esm2(str(source), CPU, cache=cache)
     assert again.loaded_from == "cache" and torch.equal(again.embed(PROTEINS), first.embed(PROTEINS))
+
+
+def test_a_shard_claimed_as_the_stop_arrives_is_given_back(tmp_path, monkeypatch):
+    import job.worker
+    from job.plan import load_plan
+    from job.shards import read_shard
+    from job.worker import Worker, WorkerSpec
+    from test_job_worker import FakePredictor, make_run
+
+    run, store = make_run(tmp_path, 10, shard_reads=10)
+    stop = threading.Event()
+    real_claim = job.worker.claim
+
+    def claim_then_stop(*args, **kwargs):  # the SIGTERM lands while the claim is on its way
+        lease = real_claim(*args, **kwargs)
+        stop.set()
+        return lease
+
+    monkeypatch.setattr(job.worker, "claim", claim_then_stop)
+    predictor = FakePredictor(5)
+    assert Worker(WorkerSpec(run, 0, 1, 0), store, load_plan(store), predictor, "cpu", stop).run() == 75
+    assert predictor.group_sizes == []  # nothing scored
+    state = read_shard(store, 0)[0]
+    assert state.owner is None and state.reads_done == 0 and state.errors == ()
