@@ -50,8 +50,8 @@ ARTIFACTS_FORMAT = b"virnucpro-compiler-artifacts 1\n"
 class WeightsCache:
     """Where an encoder's converted weights are kept, and the sha256 of the source they
     were converted from (the key: a new source is a new file). With `in_background`, `write`
-    returns at once and a thread writes the file while the caller goes on (compiling, say);
-    `finish_writes` waits for such threads."""
+    copies the tensors to host memory and returns; a thread writes the file while the caller
+    goes on (compiling, say); `finish_writes` waits for such threads."""
 
     directory: Path
     source_sha256: str
@@ -86,7 +86,9 @@ class WeightsCache:
                   "dtype": str(dtype), "source_sha256": self.source_sha256}
         if not self.in_background:
             return _write_or_warn(path, state, header)
-        thread = threading.Thread(target=_write_or_warn, args=(path, dict(state), header), daemon=True,
+        # Copied to host memory here, on the caller's thread: once it goes on, the device is
+        # left alone (a CUDA graph capture fails on another thread's copies).
+        thread = threading.Thread(target=_write_or_warn, args=(path, _on_host(state), header), daemon=True,
                                   name=f"write-{path.name}")
         with _writers_lock:
             _writers.append(thread)
@@ -96,6 +98,22 @@ class WeightsCache:
 
 _writers: list[threading.Thread] = []  # background writes of this process (WeightsCache.in_background)
 _writers_lock = threading.Lock()
+
+
+def _on_host(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`state` in host memory, tensors that share storage (tied weights) still shared."""
+    copies: dict[tuple[int, int, tuple[int, ...]], Tensor] = {}
+    host = {}
+    for name, tensor in state.items():
+        key = _storage_key(tensor)
+        if key not in copies:
+            copies[key] = tensor.detach().to("cpu")
+        host[name] = copies[key]
+    return host
+
+
+def _storage_key(tensor: Tensor) -> tuple[int, int, tuple[int, ...]]:
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
 
 
 def finish_writes(timeout: float | None = None) -> bool:
@@ -131,7 +149,7 @@ def write_weights(path: Path, state: Mapping[str, Tensor], metadata: Mapping[str
     aliases: dict[str, str] = {}
     owners: dict[tuple[int, int, tuple[int, ...]], str] = {}
     for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        key = _storage_key(tensor)
         if key in owners:
             aliases[name] = owners[key]
             continue

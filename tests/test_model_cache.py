@@ -371,6 +371,7 @@ def test_converted_weights_written_in_the_background(models, tmp_path):
     hidden(source)
     again = load_esm2(str(source), CPU, cache=cache)
     assert again.loaded_from == "cache" and torch.equal(again.embed(PROTEINS), first.embed(PROTEINS))
+    assert again.model.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()  # still tied
 
 
 def test_a_shard_claimed_as_the_stop_arrives_is_given_back(tmp_path, monkeypatch):
