@@ -11,6 +11,8 @@ GPU over `--reads-per-gpu` x n reads; finally it embeds one run's proteins with 
     python3 benchmarks/full_size_run.py --gpus 1 2 4 8      # on a host with 8 GPUs
     python3 benchmarks/full_size_run.py --repeat-fraction 0.3 --compare-reuse --shards-per-gpu 1
     python3 benchmarks/full_size_run.py --device cpu --reads-per-gpu 2000 --repeat-fraction 0.3 --compare-reuse
+    python3 benchmarks/full_size_run.py --cold-start        # issue 14: start to first scored batch
+    python3 benchmarks/full_size_run.py --cold-start --smoke  # the same with demo models on the CPU
 
 A run's frames/s is taken from the first shard claimed to the last shard done (reading,
 chunking, both encoders, classifier, parts committed), after model loading and
@@ -164,6 +166,93 @@ def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_re
     return result
 
 
+COLD_START_STEPS = (  # (label, event that ends it), in the order a worker meets them
+    ("parent: plan, model checksums and checks", "workers_started"),
+    ("worker: process start, plan read", None),  # the rest of the worker's time to models_loaded
+    ("worker: import torch", "import_seconds"),
+    ("worker: load both encoders", "load_seconds"),
+    ("worker: compiler artifacts loaded and saved", None),  # engine_ready - models_loaded - the warm-up
+    ("worker: warm-up (compile)", "warm_up_seconds"),
+    ("worker: first group scored", "first_batch_scored"),
+)
+
+
+def cold_start_job(work: Path, models: dict[str, str], label: str, model_cache: Path, reads: list,
+                   device: str) -> dict:
+    """`virnucpro run` on one worker, timed from the command's start to the first scored
+    group (`first_batch_scored`), with a breakdown from the log. The compiler's own cache
+    directories are new and empty for every run (a fresh machine's /tmp); `model_cache` is
+    what the run may find from an earlier one (converted weights, compiler artifacts)."""
+    run_dir = work / f"cold-{label}"
+    run_dir.mkdir(parents=True)
+    fasta, output, log = run_dir / "reads.fa", run_dir / "out", run_dir / "job.log"
+    fasta.write_text("".join(f">{r.id}\n{r.sequence}\n" for r in reads))
+    command = [sys.executable, "-m", "job.cli", "run", "--input", str(fasta), "--output", str(output),
+               "--esm-model", models["esm"], "--dnabert-model", models["dnabert"],
+               "--classifier", models["classifier"], "--device", device, "--workers", "1",
+               "--model-cache", str(model_cache), "--log-format", "json"]
+    if device == "cpu":
+        command.append("--compile")  # compile the CPU engine too, so that its cache plays a part
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(run_dir / "inductor"), "TRITON_CACHE_DIR": str(run_dir / "triton")}
+    if device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    print(f"$ TORCHINDUCTOR_CACHE_DIR={env['TORCHINDUCTOR_CACHE_DIR']} TRITON_CACHE_DIR={env['TRITON_CACHE_DIR']} "
+          + " ".join(command), flush=True)
+    started = time.time()
+    with open(log, "w") as stderr:
+        code = subprocess.run(command, stderr=stderr, stdout=subprocess.DEVNULL, env=env).returncode
+    if code != 0:
+        print(log.read_text()[-4000:])
+        raise SystemExit(f"the cold-start run ({label}) exited {code}")
+    events = {}
+    for event in log_events(log):
+        events.setdefault(event.get("event"), event)  # the first of each
+    first = stamp(events["first_batch_scored"]) - started
+    loaded, ready = events["models_loaded"], events["engine_ready"]
+    steps = {
+        COLD_START_STEPS[0][0]: stamp(events["workers_started"]) - started,
+        COLD_START_STEPS[1][0]: stamp(loaded) - stamp(events["workers_started"])
+        - loaded["import_seconds"] - loaded["load_seconds"],
+        COLD_START_STEPS[2][0]: loaded["import_seconds"],
+        COLD_START_STEPS[3][0]: loaded["load_seconds"],
+        COLD_START_STEPS[4][0]: stamp(ready) - stamp(loaded) - ready["warm_up_seconds"],
+        COLD_START_STEPS[5][0]: ready["warm_up_seconds"],
+        COLD_START_STEPS[6][0]: stamp(events["first_batch_scored"]) - stamp(ready),
+    }
+    result = {"label": label, "first_batch_s": round(first, 1), "steps_s": {k: round(v, 1) for k, v in steps.items()},
+              "esm": loaded["esm"], "dnabert": loaded["dnabert"], "compiler_cache": ready.get("compiler_cache")}
+    print(f"  {label}: first scored batch {first:.1f} s after the command started; ESM-2 from {loaded['esm']}, "
+          f"DNABERT-S from {loaded['dnabert']}, compiler cache: {ready.get('compiler_cache')}", flush=True)
+    return result
+
+
+def drop_page_cache() -> None:
+    """Evict the files just written (the models, the caches) from memory, as on a fresh
+    machine; needs root outside a container's read-only /proc/sys. Says whether it worked."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        print("  page cache dropped: the models and caches are read from disk", flush=True)
+    except OSError as error:
+        print(f"  page cache NOT dropped ({error}): the models and caches are read from memory", flush=True)
+
+
+def cold_start(work: Path, models: dict[str, str], device: str, reads: int, drop: bool) -> list[dict]:
+    """(a) empty caches, then (b) the model cache (a) left behind, compiler dirs empty again."""
+    model_cache = work / "model-cache"
+    runs = []
+    for index, label in enumerate(("empty-caches", "caches-populated")):
+        if drop:
+            drop_page_cache()
+        runs.append(cold_start_job(work, models, label, model_cache, synthetic_reads(reads, seed=index), device))
+    print("| step | empty caches (s) | caches populated (s) |")
+    print("| --- | ---: | ---: |")
+    for step, _ in COLD_START_STEPS:
+        print(f"| {step} | {runs[0]['steps_s'][step]} | {runs[1]['steps_s'][step]} |")
+    print(f"| **command start -> first scored batch** | **{runs[0]['first_batch_s']}** | **{runs[1]['first_batch_s']}** |")
+    return runs
+
+
 def esm_alone(esm_path: str, proteins: list[str]) -> float:
     """ESM-2 alone on the same proteins, on GPU 0, best of two: frames/s."""
     esm = load_esm2(esm_path, torch.device("cuda"))
@@ -194,7 +283,21 @@ def main() -> int:
     parser.add_argument("--compare-reuse", action="store_true",
                         help="run each job without reuse (--no-reuse), then with it; print both and the ratio")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="measure only the time from the command's start to the first scored batch, "
+                             "with empty caches and with the caches the first run left (issue 14)")
+    parser.add_argument("--smoke", action="store_true", help="with --cold-start: demo models on the CPU")
+    parser.add_argument("--drop-page-cache", action="store_true",
+                        help="with --cold-start: drop the page cache before each run (root), as on a fresh machine")
     args = parser.parse_args()
+    if args.cold_start:
+        work = Path(args.work)
+        shutil.rmtree(work, ignore_errors=True)
+        models = write_models(work / "models", full_size=not args.smoke)
+        runs = cold_start(work, models, "cpu" if args.smoke else "cuda", 24 if args.smoke else 2048, args.drop_page_cache)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"cold_start": runs}, indent=2))
+        return 0
     cuda = args.device == "cuda"
     if cuda and max(args.gpus) > torch.cuda.device_count():
         raise SystemExit(f"asked for {max(args.gpus)} GPUs, {torch.cuda.device_count()} visible")

@@ -22,10 +22,12 @@ compiled on a GPU, with the ALiBi attention backend `DNABERTEncoder` chose once 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
+import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from core.attention import Attention as AttentionBackend
 from core.attention import Segments
 from core.engine import Compiled, compile_state, default_compile, describe, finished, run_batches
 from core.errors import ModelLoadError
+from core.model_cache import WeightsCache
 from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepare_batches, segment_mean
 
 CONFIG_FILE = "config.json"
@@ -66,6 +69,9 @@ WRAPPER_PREFIX = "bert."
 
 CPU_BATCH_TOKENS = 2048  # on the GPU the budget comes from free memory (DNABERTEncoder)
 REFERENCE_ATTENTION = attention_module.make("per_sequence", alibi=True, device=torch.device("cpu"))
+CACHE_NAME = "dnabert"  # converted weights' file names begin with it (core.model_cache)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -373,6 +379,8 @@ class DNABERTEncoder:
     (device work, no sync) let a caller overlap the two.
     """
 
+    loaded_from = "given"  # load_dnabert sets it: "cache", "source", "source (cached now)" or "source (caching)", for the log
+
     def __init__(self, model: DNABERTModel, tokenizer: DNATokenizer, device: torch.device,
                  batch_tokens: int | None, *, attention: str | None = None,
                  compile: bool | None = None) -> None:
@@ -426,10 +434,11 @@ class DNABERTEncoder:
         hidden = self.model(tokens, segments, attention, self.compile)
         return segment_mean(hidden[: batch.total], batch.cu_seqlens, validate=False)
 
-    def warm_up(self) -> None:
+    def warm_up(self, stop: threading.Event | None = None) -> None:
         """Compile now for every padded size a batch can have (FlexAttention is compiled once
         per token bucket, the rest of the layer once for all sizes), so that no batch waits
-        on the compiler in the middle of a run. Nothing to do when running eagerly."""
+        on the compiler in the middle of a run. Nothing to do when running eagerly. Returns
+        early, between sizes, once `stop` is set."""
         if not self.compile:
             return
         limit, smallest = self.batch_tokens, self.attention.pads_to(1)
@@ -441,6 +450,8 @@ class DNABERTEncoder:
                 totals.append(totals[-1] * 2)
             totals = [min(total, limit) for total in totals]
         for total in totals:
+            if stop is not None and stop.is_set():
+                return
             lengths = np.full(max(1, total // 100), 100, dtype=np.int64)
             lengths[-1] += total - int(lengths.sum())
             flat = np.full(total, self.tokenizer.sep_id, dtype=np.int64)
@@ -454,22 +465,75 @@ class DNABERTEncoder:
 
 def load_dnabert(source: str, device: torch.device,
                  batch_tokens: int | None = None, *, attention: str | None = None,
-                 compile: bool | None = None) -> DNABERTEncoder:
+                 compile: bool | None = None, cache: WeightsCache | None = None) -> DNABERTEncoder:
     """Load DNABERT-S from a local Hugging Face model directory or a cached hub id.
 
     The directory holds `config.json`, `model.safetensors` or `pytorch_model.bin` (read
     with weights_only) and `tokenizer.json`. Raises ModelLoadError with a plain message
     when any of it is missing or does not match. On CUDA the model runs in fp16, compiled;
-    batch_tokens None derives the packed batch size from free GPU memory.
+    batch_tokens None derives the packed batch size from free GPU memory. With `cache` (keyed
+    by the directory's sha256) the weights as run, the config and the tokenizer come from its
+    file when it holds them, without reading the directory; otherwise they are loaded from
+    the directory and written there. `encoder.loaded_from` says which.
     """
-    directory = resolve_model_dir(source)
-    config = DNABERTConfig.from_dict(_read_json(directory / CONFIG_FILE))
-    model = DNABERTModel(config, torch.float16 if device.type == "cuda" else torch.float32)
-    load_published_state_dict(model, _read_weights(directory))
-    tokenizer = DNATokenizer.from_file(_require_file(directory / TOKENIZER_FILE))
-    check_vocabulary(tokenizer, config, directory)
-    model = model.to(device).eval().requires_grad_(False)
-    return DNABERTEncoder(model, tokenizer, device, batch_tokens, attention=attention, compile=compile)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    cached = model_from_cache(cache, device, dtype) if cache is not None else None
+    if cached is not None:
+        model, tokenizer = cached
+        loaded_from = "cache"
+    else:
+        directory = resolve_model_dir(source)
+        config = DNABERTConfig.from_dict(_read_json(directory / CONFIG_FILE))
+        model = _unfilled_model(config, dtype, device)
+        load_published_state_dict(model, _read_weights(directory))  # strict: every parameter is filled
+        tokenizer = DNATokenizer.from_file(_require_file(directory / TOKENIZER_FILE))
+        check_vocabulary(tokenizer, config, directory)
+        model = model.eval().requires_grad_(False)
+        loaded_from = "source"
+        if cache is not None and cache.write(CACHE_NAME, model.state_dict(), {
+            "config": json.dumps(asdict(config)), "tokenizer": (directory / TOKENIZER_FILE).read_text()
+        }):
+            loaded_from = "source (caching)" if cache.in_background else "source (cached now)"
+    encoder = DNABERTEncoder(model, tokenizer, device, batch_tokens, attention=attention, compile=compile)
+    encoder.loaded_from = loaded_from
+    return encoder
+
+
+def _unfilled_model(config: DNABERTConfig, dtype: torch.dtype, device: torch.device) -> DNABERTModel:
+    """The model on `device` with its parameters allocated but not initialised: they are
+    about to be loaded (a random initialisation of DNABERT-S's 117M costs seconds)."""
+    with torch.device("meta"):
+        model = DNABERTModel(config, dtype)
+    model.to_empty(device=device)
+    _set_slopes(model, device)
+    return model
+
+
+def _set_slopes(model: DNABERTModel, device: torch.device) -> None:
+    """The ALiBi slopes (a buffer outside the state dict) of a model built on the meta device."""
+    model.alibi_slopes = torch.tensor(alibi_slopes(model.config.num_attention_heads), dtype=torch.float32,
+                                      device=device)
+
+
+def model_from_cache(cache: WeightsCache, device: torch.device,
+                     dtype: torch.dtype) -> tuple[DNABERTModel, DNATokenizer] | None:
+    """The model (straight onto `device`) and tokenizer from the converted weights in `cache`;
+    None when the cache has no usable file for this dtype (the reason is logged)."""
+    loaded = cache.read(CACHE_NAME, dtype, device)
+    if loaded is None:
+        return None
+    state, metadata = loaded
+    try:
+        config = DNABERTConfig(**json.loads(metadata["config"]))
+        with torch.device("meta"):
+            model = DNABERTModel(config, dtype)
+        model.load_state_dict(state, assign=True)  # the loaded tensors become the parameters
+        _set_slopes(model, device)
+        tokenizer = DNATokenizer(Tokenizer.from_str(metadata["tokenizer"]))
+    except Exception as error:  # noqa: BLE001 - the tokenizers library raises plain Exception
+        log.warning("ignoring the converted weights of %s: they do not fit DNABERT-S (%s)", cache.source_sha256[:12], error)
+        return None
+    return model.eval().requires_grad_(False), tokenizer
 
 
 def check_vocabulary(tokenizer: DNATokenizer, config: DNABERTConfig, directory: Path) -> None:

@@ -10,10 +10,13 @@ compile are chosen once, by `ESM2Encoder`, and passed to the forward.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import pickle
 import re
 import tempfile
+import threading
 import urllib.request
 import zipfile
 from collections.abc import Sequence
@@ -29,6 +32,7 @@ from core import attention as attention_module
 from core.attention import Attention, Segments
 from core.engine import Compiled, compile_state, default_compile, describe, finished, run_batches
 from core.errors import ModelLoadError
+from core.model_cache import WeightsCache
 from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepare_batches, segment_mean
 
 DEFAULT_BATCH_TOKENS = 4096  # tokens per packed batch when the caller gives no budget
@@ -43,6 +47,9 @@ OPTIONAL_KEYS = ("contact_head.regression.weight", "contact_head.regression.bias
 ESM_MAX_BATCH_TOKENS = 65536  # GEMMs are at full speed well before this many rows
 ESM_BYTES_PER_TOKEN_PER_DIM = 56  # peak activation bytes per packed token, per unit of embed_dim
 REFERENCE_ATTENTION = attention_module.make("per_sequence", alibi=False, device=torch.device("cpu"))
+CACHE_NAME = "esm2"  # converted weights' file names begin with it (core.model_cache)
+
+log = logging.getLogger(__name__)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -236,6 +243,8 @@ class ESM2Encoder:
     (device work, no sync) let a caller overlap the two; `embed` does both.
     """
 
+    loaded_from = "given"  # load_esm2 sets it: "cache", "source", "source (cached now)" or "source (caching)", for the log
+
     def __init__(
         self,
         model: ESM2,
@@ -322,13 +331,15 @@ class ESM2Encoder:
         hidden = self.model(batch, self.attention, self.compile)
         return segment_mean(hidden, batch.cu_seqlens, 1, 1, POOLED_RESIDUES, validate=False)
 
-    def warm_up(self) -> None:
+    def warm_up(self, stop: threading.Event | None = None) -> None:
         """Compile now, so that no real batch waits on the compiler: two batches of different
         sizes, after which the one dynamic-shape graph serves every batch. Nothing to do
-        when running eagerly."""
+        when running eagerly. Returns early, between batches, once `stop` is set."""
         if not self.compile:
             return
         for count in (3, 24):
+            if stop is not None and stop.is_set():
+                return
             self.embed(["M" + "A" * 60] * count)
 
     def embed(self, proteins: Sequence[str]) -> Tensor:
@@ -352,19 +363,55 @@ def load_esm2(
     *,
     attention: str | None = None,
     compile: bool | None = None,
+    cache: WeightsCache | None = None,
 ) -> ESM2Encoder:
     """ESM-2 from a fair-esm checkpoint file, or from a fair-esm model name (downloaded once).
 
     On CUDA the weights are loaded straight into fp16 and the model runs compiled;
-    batch_tokens None derives the packed batch size from free GPU memory.
-    Raises ModelLoadError, with a message meant for the user, when the source cannot be used.
+    batch_tokens None derives the packed batch size from free GPU memory. With `cache` (keyed
+    by the source's sha256) the weights as run come from its file when it holds them, without
+    reading the source; otherwise they are loaded from the source and written there.
+    `encoder.loaded_from` says which. Raises ModelLoadError, with a message meant for the
+    user, when the source cannot be used.
     """
-    checkpoint = read_checkpoint(_checkpoint_path(source))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model = model_from_checkpoint(checkpoint, source, device, dtype)
-    del checkpoint
+    model = model_from_cache(cache, device, dtype) if cache is not None else None
+    loaded_from = "cache" if model is not None else "source"
+    if model is None:
+        checkpoint = read_checkpoint(_checkpoint_path(source))
+        model = model_from_checkpoint(checkpoint, source, device, dtype)
+        del checkpoint
+        if cache is not None and cache.write(CACHE_NAME, model.state_dict(), {"config": json.dumps(_architecture(model))}):
+            loaded_from = "source (caching)" if cache.in_background else "source (cached now)"
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
-    return ESM2Encoder(model, alphabet, device, batch_tokens, attention=attention, compile=compile)
+    encoder = ESM2Encoder(model, alphabet, device, batch_tokens, attention=attention, compile=compile)
+    encoder.loaded_from = loaded_from
+    return encoder
+
+
+def _architecture(model: ESM2) -> dict[str, object]:
+    """The ESM2 constructor's arguments that size `model` (stored with converted weights)."""
+    return {"num_layers": len(model.layers), "embed_dim": model.embed_dim,
+            "attention_heads": model.layers[0].self_attn.heads,
+            "vocab_size": model.embed_tokens.num_embeddings, "mask_idx": model.mask_idx,
+            "token_dropout": model.token_dropout}
+
+
+def model_from_cache(cache: WeightsCache, device: torch.device, dtype: torch.dtype) -> ESM2 | None:
+    """The model from the converted weights in `cache`, straight onto `device`; None when the
+    cache has no usable file for this dtype (the reason is logged)."""
+    loaded = cache.read(CACHE_NAME, dtype, device)
+    if loaded is None:
+        return None
+    state, metadata = loaded
+    try:
+        with torch.device("meta"):
+            model = ESM2(**json.loads(metadata["config"]), dtype=dtype)
+        model.load_state_dict(state, assign=True)  # the loaded tensors become the parameters
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        log.warning("ignoring the converted weights of %s: they do not fit ESM-2 (%s)", cache.source_sha256[:12], error)
+        return None
+    return model.eval().requires_grad_(False)
 
 
 def _checkpoint_path(source: str) -> Path:

@@ -5,8 +5,10 @@ in the same order, including records that could not be scored (with the reason w
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Hashable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 
@@ -18,6 +20,7 @@ from core.dnabert import DNABERTEncoder, load_dnabert
 from core.errors import ModelLoadError, NonFiniteEmbedding
 from core.esm2 import ESM2Encoder, load_esm2
 from core.memo import MEMO_SEQUENCES, EmbeddingMemo, Lookup
+from core.model_cache import WeightsCache
 from core.reads import Record
 from core.frames import Frame, chunk_record, open_frames
 from core.outputs import FrameScore, ReadSummary, chunk_calls
@@ -133,13 +136,25 @@ class Predictor:
         return {"dnabert": self.dnabert.backend, "esm": self.esm.backend,
                 "device": str(self.esm.device), "batch_tokens": self.esm.batch_tokens, "reuse": self.reuse}
 
-    def warm_up(self) -> float:
+    @property
+    def compiled(self) -> bool:
+        """Whether either encoder runs torch.compile'd (and so has something to warm up)."""
+        return bool(self.dnabert.compile or self.esm.compile)
+
+    @property
+    def compiler_settings(self) -> dict[str, object]:
+        """What the compiled code depends on besides torch and the device: the engine and the
+        widths and token budgets of both encoders (core.model_cache.compiler_key)."""
+        return {**self.engine, "dnabert_batch_tokens": self.dnabert.batch_tokens,
+                "widths": [self.dnabert.dim, self.esm.dim]}
+
+    def warm_up(self, stop: threading.Event | None = None) -> float:
         """Compile both encoders for every batch shape they will meet; seconds spent (about
-        zero unless they run compiled on a GPU). Without it, the first minutes of a run pay
-        for compilation batch by batch."""
+        zero unless they run compiled). Without it, the first minutes of a run pay for
+        compilation batch by batch. Returns early, between shapes, once `stop` is set."""
         started = time.perf_counter()
-        self.dnabert.warm_up()
-        self.esm.warm_up()
+        self.dnabert.warm_up(stop)
+        self.esm.warm_up(stop)
         return time.perf_counter() - started
 
     def predict(
@@ -343,27 +358,27 @@ def load_predictor(
     force_chunk_length: bool = False,
     device: str = "auto",
     batch_tokens: int | None = None,
-    compile: bool = True,
+    compile: bool | None = None,
     group_reads: int = 512,
     reuse: bool = True,
+    esm_cache: WeightsCache | None = None,
+    dnabert_cache: WeightsCache | None = None,
 ) -> Predictor:
     """Load the three models from local paths (or names the libraries can resolve).
 
-    compile=False keeps the GPU engine eager (slower; for debugging the compiler away);
+    compile None runs the engine compiled on CUDA and eagerly on the CPU; False keeps it
+    eager (slower; for debugging the compiler away), True compiles it on the CPU too.
     `group_reads` reads are scored together; reuse=False embeds repeated sequences again
-    (see `Predictor`)."""
+    (see `Predictor`). The two encoders load at the same time, one thread each (reading
+    files and copying to the device release the GIL), each from its converted-weights cache
+    when one is given and holds it."""
     target = resolve_device(device)
     scorer = load_classifier(classifier, target)
     length = check_chunk_length(scorer, chunk_length, force_chunk_length)
-    compiled = None if compile else False  # None: compiled on CUDA, eager on the CPU
-    return Predictor(
-        load_dnabert(dnabert_model, target, batch_tokens, compile=compiled),
-        load_esm2(esm_model, target, batch_tokens, compile=compiled),
-        scorer,
-        length,
-        group_reads,
-        reuse=reuse,
-    )
+    with ThreadPoolExecutor(2, thread_name_prefix="load") as pool:
+        dnabert = pool.submit(load_dnabert, dnabert_model, target, batch_tokens, compile=compile, cache=dnabert_cache)
+        esm = pool.submit(load_esm2, esm_model, target, batch_tokens, compile=compile, cache=esm_cache)
+        return Predictor(dnabert.result(), esm.result(), scorer, length, group_reads, reuse=reuse)
 
 
 def check_widths(classifier_dim: int, dna_dim: int, protein_dim: int) -> None:
@@ -381,8 +396,9 @@ def check_models(
     """Load and cross-check the three models on the CPU before any work is planned, so that a
     model that cannot work is refused before the run is tied to it: each loads, the DNABERT-S
     tokenizer's ids fit its vocabulary, and the classifier's input width is DNA + protein
-    width. ESM-2's weights are checked by name and shape only, on the meta device (the 3B
-    checkpoint is memory-mapped, never copied). Returns (chunk length, feature width)."""
+    width. The encoders' weights are checked by name and shape only, on the meta device (the
+    files are memory-mapped, never copied: this runs at every start). Returns (chunk length,
+    feature width)."""
     import warnings
 
     from core.esm2 import _checkpoint_path, model_from_checkpoint, read_checkpoint
@@ -390,9 +406,9 @@ def check_models(
     cpu = torch.device("cpu")
     scorer = load_classifier(classifier, cpu)
     length = check_chunk_length(scorer, chunk_length, force_chunk_length)
-    dna_dim = load_dnabert(dnabert_model, cpu, compile=False).dim
     with warnings.catch_warnings():  # loading into meta tensors is a no-op, as intended here
         warnings.simplefilter("ignore", UserWarning)
+        dna_dim = load_dnabert(dnabert_model, torch.device("meta"), compile=False).dim
         checkpoint = read_checkpoint(_checkpoint_path(esm_model))
         protein_dim = model_from_checkpoint(checkpoint, esm_model, torch.device("meta")).embed_dim
     check_widths(scorer.input_dim, dna_dim, protein_dim)

@@ -21,7 +21,7 @@ class RunConfig:
     force_chunk_length: bool = False
     device: str = "auto"  # auto | cpu | cuda
     batch_tokens: int | None = None  # None: derived from free device memory
-    compile: bool = True  # torch.compile the GPU engine (no effect on the CPU)
+    compile: bool | None = None  # None: torch.compile on a GPU, eager on the CPU; True: on the CPU too; False: never
     write_features: bool = False
     # Results a person reads (issue 15). The threshold and the viral reads change what the
     # workers write, so both are recorded in the plan; the price and log format do not.

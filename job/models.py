@@ -3,7 +3,10 @@
 An `s3://` model (a file, or a directory prefix for DNABERT-S) is downloaded once into the
 model cache and reused while its ETags stay the same. Every model's sha256 (of the file, or
 of the sorted per-file digests of a directory) is recorded in the plan; a name that is
-neither a local path nor an S3 URI (a hub id) is recorded as given.
+neither a local path nor an S3 URI (a hub id) is recorded as given; a local model's digest is
+remembered in the model cache while its files keep their sizes and times. Workers on a GPU keep
+the encoders' weights as run, and the compiler's artifacts, beside the downloads
+(`weights_cache`, `compiler_cache_dir`; the formats are core.model_cache's).
 """
 from __future__ import annotations
 
@@ -11,14 +14,21 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from job import s3
 from job.errors import BadInput
 
+if TYPE_CHECKING:
+    from core.model_cache import WeightsCache
+
 _BLOCK = 8 * 2**20
+RACY_SECONDS = 2  # coarser than any file system clock tick the model cache may sit on
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,7 @@ def localize_model(source: str, cache_dir: str, endpoint_url: str | None) -> Loc
         return LocalModel(source, str(path), digest)
     path = Path(source).expanduser()
     if path.exists():
-        return LocalModel(source, str(path), sha256_path(path))
+        return LocalModel(source, str(path), remembered_sha256(path, Path(cache_dir).expanduser() / "digests"))
     return LocalModel(source, source, None)
 
 
@@ -53,6 +63,46 @@ def sha256_path(path: Path) -> str:
         for file in sorted(p for p in path.rglob("*") if p.is_file())
     ]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def remembered_sha256(path: Path, memo_dir: Path) -> str:
+    """`sha256_path(path)`, remembered in `memo_dir` with each file's size and modification
+    time (as make and rsync judge a file unchanged): ESM-2 3B is 11 GB, seconds of hashing at
+    every start otherwise. A file rewritten with another size or time is hashed again; one
+    modified in the last RACY_SECONDS before hashing is not remembered, since a rewrite
+    within the file system's clock tick could keep its time (git's "racily clean" rule)."""
+    path = path.resolve()
+    memo = memo_dir / f"{hashlib.sha256(str(path).encode()).hexdigest()[:24]}.json"
+    stats = _stats(path)
+    try:
+        recorded = json.loads(memo.read_text())
+        if recorded["path"] == str(path) and recorded["files"] == stats:
+            return recorded["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    started = time.time_ns()
+    digest = sha256_path(path)
+    if _stats(path) != stats or max((s[2] for s in stats), default=0) > started - RACY_SECONDS * 10**9:
+        return digest  # changed while hashed, or too recently to tell a rewrite apart
+    staging = memo.with_name(f".{memo.name}.{uuid.uuid4().hex}")
+    try:
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        staging.write_text(json.dumps({"path": str(path), "files": stats, "sha256": digest}))
+        os.replace(staging, memo)
+    except OSError:  # a read-only model cache: hashed again next time
+        staging.unlink(missing_ok=True)
+    return digest
+
+
+def _stats(path: Path) -> list[list]:
+    """[relative name, size, mtime_ns] of the file, or of every file of the directory."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[file.relative_to(path).as_posix() if file != path else "", *_size_and_time(file)] for file in files]
+
+
+def _size_and_time(file: Path) -> tuple[int, int]:
+    stat = file.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _sha256_file(path: Path) -> str:
@@ -101,3 +151,19 @@ def _cached(manifest: Path, etags: dict[str, str]) -> str | None:
         return None
     recorded = json.loads(manifest.read_text())
     return recorded["sha256"] if recorded["etags"] == etags else None
+
+
+def weights_cache(model_cache: str, identity: Mapping[str, object] | None) -> WeightsCache | None:
+    """Where the converted weights of the model with this plan identity (its `identity()`)
+    are kept: `converted/` in the model cache, keyed by the source's sha256. None for a
+    model known only by name: without a checksum a changed source could not be noticed."""
+    from core.model_cache import WeightsCache  # imports torch: only where models are loaded
+
+    digest = (identity or {}).get("sha256")
+    # written in the background: the first start does not wait for 5.6 GB to reach the disk
+    return WeightsCache(Path(model_cache).expanduser() / "converted", str(digest), in_background=True) if digest else None
+
+
+def compiler_cache_dir(model_cache: str) -> Path:
+    """Where the compiler's artifacts are kept (core.model_cache), beside the converted weights."""
+    return Path(model_cache).expanduser() / "compiled"

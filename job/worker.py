@@ -13,7 +13,14 @@ can take minutes on a CPU, longer than `--grace-seconds`: shortly before the gra
 ends (`GRACE_SHARE` of it) the worker releases its lease itself and exits 75 at once; the
 unfinished group is redone later from the last committed part. A stop is never an error: it
 does not count towards `--max-attempts`. The handlers are installed before torch is
-imported or a model loaded; a full local disk exits 75, a read-only one 65, in one line.
+imported or a model loaded; a stop during the warm-up ends it between two batch shapes and
+the worker exits 75 without claiming a shard. A full local disk exits 75, a read-only one
+65, in one line.
+
+Start-up, timed in the log for the cold-start benchmark: `models_loaded` (torch import, the
+two encoders loaded at once, on a GPU from their converted weights in the model cache when
+there), `warm_up_started` and `engine_ready` (compiling, after loading the compiler's saved
+artifacts), `first_batch_scored`.
 """
 from __future__ import annotations
 
@@ -125,11 +132,16 @@ class Worker:
         self.current: ShardLease | None = None  # the lease held now, for stop_now()
         self.writing = threading.Lock()  # held while a part is written and committed
         self.sequences: deque[str] = deque()  # with --write-viral-reads: letters of the reads scored, not yet committed
+        self.scored = False  # whether any read was scored yet (the first is logged)
 
     def run(self) -> int:
         config = self.config
-        warm_up_seconds = self.predictor.warm_up()
-        self.log.info("engine_ready", **self.predictor.engine, warm_up_seconds=round(warm_up_seconds, 1))
+        warm_up_seconds, compiler_cache = self._warm_up()
+        if self.stop.is_set():  # before any claim: a stop during the warm-up takes no lease
+            self.log.info("worker_stopped", message="stopped during the warm-up; no shard was claimed")
+            return exit_codes.INTERRUPTED
+        self.log.info("engine_ready", **self.predictor.engine, warm_up_seconds=round(warm_up_seconds, 1),
+                      compiler_cache=compiler_cache)
         self.log.info("worker_started", device=self.device, slot=config.slot, slots=config.slots)
         final: set[int] = set()
         poll = min(self.config.lease_seconds / 4, 5.0)
@@ -165,6 +177,27 @@ class Worker:
         self.log.info("worker_stopped", **self._memory())
         return exit_codes.INTERRUPTED
 
+    def _warm_up(self) -> tuple[float, str]:
+        """Compile the engine for every batch shape, stopping between shapes on a stop: the
+        seconds it took, and what the compiler's artifact cache did. Artifacts saved by an
+        earlier worker with the same torch, GPU and engine are loaded first (the compiler
+        then finds its work done), and saved afterwards when this warm-up compiled more."""
+        predictor = self.predictor
+        if not predictor.compiled:
+            return predictor.warm_up(self.stop), "not compiled"
+        from core.model_cache import compiler_artifacts_path, compiler_key, load_compiler_artifacts, save_compiler_artifacts
+        from job.models import compiler_cache_dir
+        import torch
+
+        key = compiler_key(predictor.compiler_settings, torch.device(self.device))
+        path = compiler_artifacts_path(compiler_cache_dir(self.config.model_cache), key)
+        status, loaded = load_compiler_artifacts(path)
+        self.log.info("warm_up_started", compiler_cache=status, key=key)
+        seconds = predictor.warm_up(self.stop)
+        if self.stop.is_set():
+            return seconds, status
+        return seconds, f"{status}, {save_compiler_artifacts(path, loaded)}"
+
     def _memory(self) -> dict[str, float]:
         """Peak GPU memory this worker allocated, for the log (nothing on the CPU)."""
         if not self.device.startswith("cuda"):
@@ -186,6 +219,9 @@ class Worker:
             if self.observer.see(shard_key(index), etag, state.owner, state.lease_seconds) > 0:
                 continue  # held by someone else, who renewed it lately
             lease = claim(self.store, index, self.owner, self.config.lease_seconds, self.device, self.observer)
+            if lease is not None and self.stop.is_set():  # stopped while claiming: give it straight back
+                _release_quietly(lease)
+                return None
             if lease is not None:
                 return lease
         return None
@@ -264,6 +300,9 @@ class Worker:
         results = self.predictor.predict(records, with_features=self.config.write_features, earlier=earlier)
         try:
             for result in results:
+                if not self.scored:
+                    self.scored = True
+                    log.info("first_batch_scored")  # the cold start ends here (benchmarks/full_size_run.py)
                 buffer.append(result)
                 renewer.processed += 1
                 if lease.lost.is_set():
@@ -395,25 +434,42 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
         return exit_codes.INTERNAL_ERROR
     if stop.is_set():
         return exit_codes.INTERRUPTED
+    began = time.perf_counter()
     import torch
 
     from core.pipeline import load_predictor, resolve_device
+    from job.models import weights_cache
 
+    imported = time.perf_counter()
     if config.device == "cpu":
         # One thread each: scores then do not depend on how many workers share the cores
         # (CPU kernels sum in a thread-count dependent order); --workers uses more cores.
         torch.set_num_threads(1)
+    target = resolve_device(config.device)
+    # Converted weights are kept for a GPU only: there they are float16, half the source's
+    # size and no conversion; on the CPU they would be a second float32 copy of the source.
+    caches = {name: weights_cache(config.model_cache, plan.settings.get(name)) if target.type == "cuda" else None
+              for name in ("esm_model", "dnabert_model")}
     predictor = load_predictor(
         config.esm_model, config.dnabert_model, config.classifier, config.chunk_length,
         config.force_chunk_length, config.device, config.batch_tokens, config.compile, config.group_reads,
-        config.reuse,
+        config.reuse, esm_cache=caches["esm_model"], dnabert_cache=caches["dnabert_model"],
     )
-    device = str(resolve_device(config.device))
+    device = str(target)
+    get_logger(run_id=plan.run_id, pid=os.getpid()).info(
+        "models_loaded", import_seconds=round(imported - began, 2), load_seconds=round(time.perf_counter() - imported, 2),
+        esm=predictor.esm.loaded_from, dnabert=predictor.dnabert.loaded_from,
+    )
     if stop.is_set():
         return exit_codes.INTERRUPTED
     worker = Worker(spec, store, plan, predictor, device, stop)
     started.append(worker)
-    return worker.run()
+    code = worker.run()
+    if code == exit_codes.OK and any(caches.values()):
+        from core.model_cache import finish_writes
+
+        finish_writes()  # converted weights still being written: the next start wants them whole
+    return code
 
 
 if __name__ == "__main__":

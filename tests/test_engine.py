@@ -240,11 +240,13 @@ def test_no_compile_flows_from_the_command_line_to_the_encoders(tmp_path, monkey
     monkeypatch.setattr(job.batch, "run_batch", lambda config, *_: configs.append(config) or 0)
     common = ["run", "--input", "x.fa", "--output", str(tmp_path / "out"), "--esm-model", models[0],
               "--dnabert-model", models[1], "--classifier", models[2]]
-    assert main(common) == 0 and main([*common, "--no-compile"]) == 0
-    assert [config.compile for config in configs] == [True, False]
-    for compile in (True, False):  # the CPU engine runs eagerly either way
+    assert main(common) == 0 and main([*common, "--no-compile"]) == 0 and main([*common, "--compile"]) == 0
+    assert [config.compile for config in configs] == [None, False, True]
+    for compile in (None, False):  # the CPU engine runs eagerly unless asked to compile
         predictor = load_predictor(*models, device="cpu", compile=compile)
         assert not predictor.esm.compile and not predictor.dnabert.compile
+    predictor = load_predictor(*models, device="cpu", compile=True)
+    assert predictor.esm.compile and predictor.dnabert.compile and predictor.compiled
 
 
 def _double(x: torch.Tensor) -> torch.Tensor:

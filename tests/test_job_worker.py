@@ -29,6 +29,7 @@ class FakePredictor:
     """Scores from a hash of the read id; raises on reads named in `poison`."""
 
     engine = {"device": "cpu"}
+    compiled = False
 
     def __init__(self, group_reads: int, poison: Iterable[str] = ()) -> None:
         self.group_reads = group_reads
@@ -36,7 +37,7 @@ class FakePredictor:
         self.group_sizes: list[int] = []
         self.earlier: list[list[str]] = []  # each call's `earlier` reads
 
-    def warm_up(self) -> float:
+    def warm_up(self, stop: threading.Event | None = None) -> float:
         return 0.0
 
     def predict(
