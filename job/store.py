@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -223,7 +224,7 @@ class LocalStore:
             raise
 
     def writer(self, key: str) -> Writer:
-        return _LocalWriter(self.root / key)
+        return _LocalWriter(self, key)
 
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix
@@ -312,13 +313,12 @@ class _MultipartWriter:
 
 
 class _LocalWriter:
-    """A temporary file beside the key's, renamed over it at `commit` (atomic, as `upload`)."""
+    """A local temporary file (outside the output directory, so a killed writer leaves nothing
+    there), handed to `LocalStore.upload` at `commit`: the key appears whole, at once."""
 
-    def __init__(self, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self._target = target
-        self._tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        self._file = open(self._tmp, "wb")
+    def __init__(self, store: LocalStore, key: str) -> None:
+        self._store, self._key = store, key
+        self._file = tempfile.NamedTemporaryFile(prefix="virnucpro-output-", delete=False)
 
     def write(self, data: bytes) -> None:
         try:
@@ -330,14 +330,13 @@ class _LocalWriter:
     def commit(self) -> None:
         try:
             self._file.close()
-            os.replace(self._tmp, self._target)
-        except BaseException:
+            self._store.upload(self._key, self._file.name)
+        finally:
             self.abort()
-            raise
 
     def abort(self) -> None:
         self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        Path(self._file.name).unlink(missing_ok=True)
 
 
 def _successors(path: Path) -> Path:
