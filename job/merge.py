@@ -1,15 +1,18 @@
 """The merge: once every shard is final, one process turns the committed parts into the outputs.
 
-The outputs are assembled in a local temporary directory, in shard order and, within a
-shard, in read order, so their bytes do not depend on how many workers ran or how often
-they were interrupted. Each is then uploaded to its final key (S3 multipart above a few
-parts; atomic either way), and `_SUCCESS` (or `_FAILED`, when shards failed) is written
-last: a run is finished exactly when one of the two exists.
+The outputs are assembled in shard order and, within a shard, in read order, so their bytes
+do not depend on how many workers ran or how often they were interrupted. The two largest
+(reads.tsv, prediction_results.txt) stream to the store while they are written (on S3 a
+multipart upload, invisible until completed); the others are written in a local temporary
+directory and uploaded as each is complete, while the merge goes on (`_Uploads`). Every
+output appears at its final key whole and at once, and `_SUCCESS` (or `_FAILED`, when
+shards failed) is written after all of them: a run is finished exactly when one of the two
+exists.
 
 One process merges, chosen by the claim `_run/merge.json` (a lease, job/lease.py); it renews
-that claim while it works and checks it, and that no marker exists yet, before each upload
-and before the marker. Should it die, another takes the claim over once it expires. A
-second merge would produce the same bytes, so the claim saves work rather than guarding
+that claim while it works and checks it, and that no marker exists yet, before each output
+is made visible and before the marker. Should it die, another takes the claim over once it
+expires. A second merge would produce the same bytes, so the claim saves work rather than guarding
 correctness; the marker is written with a conditional create, so a stale merger can never
 rewrite the marker of a finished run. After `_SUCCESS` the parts are deleted; after
 `_FAILED` they are kept, so that `--retry-failed` reruns only the failed shards.
@@ -228,7 +231,8 @@ def _assemble(
     store: Store, plan: Plan, states: list[ShardState], inputs: MergeInputs, tmp: Path, stop: threading.Event,
     uploads: _Uploads,
 ) -> dict:
-    """Write every output under `tmp`, handing each to `uploads` once complete; the marker's summary."""
+    """Write every output (two streamed through `uploads`, the rest under `tmp`), handing each
+    to `uploads` once complete; returns the marker's summary."""
     outcomes: Counter[str] = Counter()
     frames = 0
     features = _BlockedFeatures(str(tmp / FEATURES), inputs.feature_dim) if inputs.write_features else None
