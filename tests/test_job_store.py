@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -95,6 +96,8 @@ def test_a_streamed_object_appears_whole_at_commit_and_never_after_abort(
     dropped.write(data)
     dropped.abort()
     assert store.list("out/") == ["out/big.tsv"]
+    if isinstance(store, LocalStore):  # no temporary file left in the output, hidden or not
+        assert [p.name for p in Path(store.uri).rglob("*") if p.is_file()] == ["big.tsv"]
     if isinstance(store, S3Store):  # sent in parts from 5 MiB on, and no parts left behind to be billed
         etag = boto3.client("s3").head_object(Bucket=store.bucket, Key=store.prefix + "out/big.tsv")["ETag"]
         assert ("-" in etag) == (size >= 5 * 2**20), etag
