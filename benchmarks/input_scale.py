@@ -27,6 +27,7 @@ Pieces (each in its own process, so that its peak RSS is its own):
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
@@ -204,15 +205,22 @@ def _first_claim(paths: list[Path], work: Path) -> dict:
     return {"first_claim_s": seen.get("shard_claimed"), "steps_s": seen}
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _merge_setup(store, reads: int) -> float:  # noqa: ANN001 (Store)
     """A finished run of `reads` generated reads (20,000 a shard, parts of 2,000); seconds taken."""
     from job.inputs import InputObject
     from job.plan import DONE_KEY, PLAN_KEY, Plan, Segment, Shard
     from job.shards import Part, ShardState, shard_key
+    from job.summary import RunStats
 
     started = time.perf_counter()
     shard_reads, part_reads = 20_000, 2_000
-    plan = Plan("bench", (InputObject("/bench.fa", 0, "0"),), {}, shard_reads, 0.0)
+    plan = Plan("bench", (InputObject("/bench.fa", 0, "0"),), {"chunk_length": 500}, shard_reads, 0.0)
     shards, start = [], 0
     while start < reads:
         count = min(shard_reads, reads - start)
@@ -225,8 +233,13 @@ def _merge_setup(store, reads: int) -> float:  # noqa: ANN001 (Store)
         for first in range(0, shard["reads"], part_reads):
             n0 = shard["segments"][0][1] + first
             ids = [f"read{n}" for n in range(n0, n0 + min(part_reads, shard["reads"] - first))]
+            reads_rows = [f"{i}\t150\t1\t1\t0.5\tothers\t\t0\t/bench.fa\n" for i in ids]
+            counts = RunStats([], 500)
+            for line in reads_rows:
+                counts.add_row(line)
             rows = {
-                "reads": [f"{i}\t150\t1\t1\t0.5\tothers\t\n" for i in ids],
+                "reads": reads_rows,
+                "counts": counts.counts_json(),
                 "predictions": [f"{i}_chunk_1F1\tothers\t0.6\t0.4\n" for i in ids[::10]],
                 "highest": sorted(f"{i}_chunk_1\t0.4\t0.6\tothers\n" for i in ids[::10]),
                 "outcomes": {"others": len(ids)},
@@ -259,6 +272,7 @@ def _merge(reads: int, work: Path, s3: bool) -> dict:
              "print(start_moto().url, flush=True)\ntime.sleep(10**6)"],
             stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}"),
         )
+        atexit.register(server.kill)  # also when the merge fails: its stderr is ours, the caller waits for it
         os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=server.stdout.readline().strip())
         boto3.client("s3").create_bucket(Bucket="bench")
         store = open_store("s3://bench/merge")
@@ -273,18 +287,21 @@ def _merge(reads: int, work: Path, s3: bool) -> dict:
         store = LocalStore(str(out))
     complete = load_plan(store)
     before = _peak_rss_mib()
-    started = time.perf_counter()
+    server_cpu = _cpu_seconds(server.pid) if server is not None else 0.0
+    started, cpu_started = time.perf_counter(), time.process_time()
     inputs = MergeInputs(write_features=False, feature_dim=4, demo_models=False, endpoint_url=None, lease_seconds=60)
     claim = MergeClaim(store, "bench", 60)
     assert claim.acquire()
     marker, summary = merge(store, complete, inputs, claim, threading.Event())
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    server_cpu = _cpu_seconds(server.pid) - server_cpu if server is not None else 0.0
     assert marker == "_SUCCESS" and summary["reads"] == reads
-    if server is not None:
-        server.kill()
     return {
         "store": "moto S3" if s3 else "local", "reads": reads, "seconds": round(seconds, 2),
         "reads_per_s": round(reads / seconds), "setup_seconds": round(made, 1),
+        # CPU time of the merge process (and of the moto server's process): the machine is shared
+        "cpu_seconds": round(cpu_seconds, 2), "reads_per_cpu_s": round(reads / cpu_seconds),
+        **({"server_cpu_seconds": round(server_cpu, 2)} if server is not None else {}),
         "peak_rss_mib": round(_peak_rss_mib(), 1), "rss_before_merge_mib": round(before, 1),
         "run_rows": job.merge.RUN_ROWS,
     }

@@ -1,15 +1,18 @@
 """The merge: once every shard is final, one process turns the committed parts into the outputs.
 
-The outputs are assembled in a local temporary directory, in shard order and, within a
-shard, in read order, so their bytes do not depend on how many workers ran or how often
-they were interrupted. Each is then uploaded to its final key (S3 multipart above a few
-parts; atomic either way), and `_SUCCESS` (or `_FAILED`, when shards failed) is written
-last: a run is finished exactly when one of the two exists.
+The outputs are assembled in shard order and, within a shard, in read order, so their bytes
+do not depend on how many workers ran or how often they were interrupted. The two largest
+(reads.tsv, prediction_results.txt) stream to the store while they are written (on S3 a
+multipart upload, invisible until completed); the others are written in a local temporary
+directory and uploaded as each is complete, while the merge goes on (`_Uploads`). Every
+output appears at its final key whole and at once, and `_SUCCESS` (or `_FAILED`, when
+shards failed) is written after all of them: a run is finished exactly when one of the two
+exists.
 
 One process merges, chosen by the claim `_run/merge.json` (a lease, job/lease.py); it renews
-that claim while it works and checks it, and that no marker exists yet, before each upload
-and before the marker. Should it die, another takes the claim over once it expires. A
-second merge would produce the same bytes, so the claim saves work rather than guarding
+that claim while it works and checks it, and that no marker exists yet, before each output
+is made visible and before the marker. Should it die, another takes the claim over once it
+expires. A second merge would produce the same bytes, so the claim saves work rather than guarding
 correctness; the marker is written with a conditional create, so a stale merger can never
 rewrite the marker of a finished run. After `_SUCCESS` the parts are deleted; after
 `_FAILED` they are kept, so that `--retry-failed` reruns only the failed shards.
@@ -18,19 +21,20 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import importlib
 import io
 import json
 import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 from isal import igzip
@@ -44,7 +48,7 @@ from job.log import get_logger
 from job.parts import decode_features, decode_rows, read_sources
 from job.plan import INPUT_COPIES, Plan, shard_records
 from job.shards import Part, ShardState, read_shard
-from job.store import Store
+from job.store import Store, Writer
 from job.summary import RunStats
 
 MERGE_KEY = "_run/merge.json"
@@ -63,6 +67,7 @@ SHARD_FAILED = "shard_failed"  # reads.tsv reason of the reads a failed shard ne
 EMPTY_WARNING = "some inputs hold no reads: check that the right files were given"
 FETCH_THREADS = 8  # parts downloaded in parallel
 PREFETCH_PARTS = 32  # parts fetched ahead of the one being written (bounds memory)
+UPLOAD_THREADS = 4  # outputs uploaded at once, while the merge writes the next ones
 RUN_ROWS = 500_000  # highest-score rows sorted in memory per run on disk
 MAX_OPEN_RUNS = 128  # runs merged at once
 
@@ -115,18 +120,15 @@ def merge(store: Store, plan: Plan, inputs: MergeInputs, claim: MergeClaim, stop
     assert claim.lease is not None, "merge() needs an acquired MergeClaim"
     if (finished := read_marker(store)) is not None:  # finished while we took the claim
         return finished
+    # matplotlib's import (about a second) overlaps the parts' download; the report needs it at the end
+    threading.Thread(target=importlib.import_module, args=("job.report",), daemon=True).start()
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
         states = list(pool.map(lambda shard: read_shard(store, shard.index)[0], plan.shards))
     assert plan.complete and all(state.final for state in states), "merge started before every shard was final"
     with Renewer(claim.lease, log), tempfile.TemporaryDirectory(prefix="virnucpro-merge-") as tmp:
-        summary = _assemble(store, plan, states, inputs, Path(tmp), stop)
-        names = [PREDICTIONS, HIGHEST, READS, SUMMARY, REPORT] + ([FEATURES] if inputs.write_features else [])
-        names += [VIRAL_READS] if plan.settings.get("write_viral_reads") else []
-        summary["files"] = {name: _describe(Path(tmp) / name) for name in names}
-        for name in names:
-            _check_still_merging(store, claim, stop)
-            store.upload(name, str(Path(tmp) / name))
-            log.info("output_written", file=name, **summary["files"][name])
+        with _Uploads(store, Path(tmp), lambda: _check_still_merging(store, claim, stop), log) as uploads:
+            summary = _assemble(store, plan, states, inputs, Path(tmp), stop, uploads)
+            summary["files"] = uploads.described()
     _check_still_merging(store, claim, stop)
     if not claim.renew():
         raise Interrupted("lost the merge claim to another process; it finishes the run")
@@ -142,6 +144,79 @@ def merge(store: Store, plan: Plan, inputs: MergeInputs, claim: MergeClaim, stop
     return marker, summary
 
 
+class _Uploads:
+    """Each output stored as soon as it is complete, while the merge writes the next ones.
+
+    The largest outputs are streamed to the store while they are written (`stream`: an S3
+    multipart upload that no one sees before it is completed); the others are uploaded from
+    the local directory. Either way an output becomes visible only after `check` (still the
+    merger, not stopped, no marker yet), as before each upload of a sequential merge, and
+    leaving the block waits for every output, so the marker, written after it, comes last.
+    On an error, nothing more is made visible, streamed uploads are discarded, and the first
+    error is raised.
+    """
+
+    def __init__(self, store: Store, directory: Path, check: Callable[[], None], log: Any) -> None:
+        self.store, self.directory, self.check, self.log = store, directory, check, log
+        self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="upload")
+        self._done: dict[str, Future] = {}
+        self._streams: list[_Streamed] = []
+
+    def __enter__(self) -> _Uploads:
+        return self
+
+    def stream(self, name: str) -> _Streamed:
+        """A text output sent to the store as it is written; `submit(name)` once it is complete."""
+        output = _Streamed(self.store.writer(name))
+        self._streams.append(output)
+        return output
+
+    def submit(self, name: str, streamed: _Streamed | None = None) -> None:
+        self._done[name] = self._pool.submit(self._store, name, streamed)
+
+    def _store(self, name: str, streamed: _Streamed | None) -> dict[str, object]:
+        self.check()
+        if streamed is not None:
+            described = streamed.described()
+            streamed.writer.commit()
+            streamed.committed = True
+        else:
+            path = self.directory / name
+            described = _describe(path)
+            self.store.upload(name, str(path))
+        self.log.info("output_written", file=name, **described)
+        return described
+
+    def described(self) -> dict[str, dict]:
+        """Each output's size and sha256, once every upload is done (the first error raised)."""
+        return {name: done.result() for name, done in self._done.items()}
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+        for output in self._streams:
+            if not output.committed:
+                output.writer.abort()
+
+
+class _Streamed:
+    """A text output going to a store `Writer`, with the size and sha256 the marker records."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+        self.committed = False
+        self._digest = hashlib.sha256()
+        self._bytes = 0
+
+    def write(self, text: str) -> None:
+        data = text.encode()
+        self._digest.update(data)
+        self._bytes += len(data)
+        self.writer.write(data)
+
+    def described(self) -> dict[str, object]:
+        return {"bytes": self._bytes, "sha256": self._digest.hexdigest()}
+
+
 def _check_still_merging(store: Store, claim: MergeClaim, stop: threading.Event) -> None:
     """Stop before writing anything more when stopped, fenced, or the run got its marker."""
     if stop.is_set():
@@ -153,8 +228,11 @@ def _check_still_merging(store: Store, claim: MergeClaim, stop: threading.Event)
 
 
 def _assemble(
-    store: Store, plan: Plan, states: list[ShardState], inputs: MergeInputs, tmp: Path, stop: threading.Event
+    store: Store, plan: Plan, states: list[ShardState], inputs: MergeInputs, tmp: Path, stop: threading.Event,
+    uploads: _Uploads,
 ) -> dict:
+    """Write every output (two streamed through `uploads`, the rest under `tmp`), handing each
+    to `uploads` once complete; returns the marker's summary."""
     outcomes: Counter[str] = Counter()
     frames = 0
     features = _BlockedFeatures(str(tmp / FEATURES), inputs.feature_dim) if inputs.write_features else None
@@ -162,9 +240,8 @@ def _assemble(
     parts = [part for state in states for part in state.parts]
     fetched = _prefetch(store, parts, inputs.write_features)
     stats = RunStats([obj.uri for obj in plan.inputs], plan.settings["chunk_length"])
+    predictions, reads = uploads.stream(PREDICTIONS), uploads.stream(READS)
     with ExitStack() as files:
-        predictions = files.enter_context(open(tmp / PREDICTIONS, "w"))
-        reads = files.enter_context(open(tmp / READS, "w"))
         viral = files.enter_context(_viral_writer(tmp / VIRAL_READS)) if plan.settings.get("write_viral_reads") else None
         predictions.write(PREDICTION_HEADER)
         reads.write(READS_HEADER)
@@ -174,8 +251,8 @@ def _assemble(
                     raise Interrupted("stopped while merging")
                 rows_data, features_data = next(fetched)
                 rows = decode_rows(rows_data)
-                predictions.writelines(rows.predictions)
-                reads.writelines(rows.reads)
+                predictions.write("".join(rows.predictions))
+                reads.write("".join(rows.reads))
                 stats.add_counts(rows.counts)
                 if viral is not None:
                     viral.writelines(viral_fasta(rows.viral or ()))
@@ -192,11 +269,17 @@ def _assemble(
                     reads.write(line)
                     stats.add_row(line)
                     outcomes[SHARD_FAILED] += 1
+    uploads.submit(PREDICTIONS, predictions)
+    uploads.submit(READS, reads)
+    if viral is not None:
+        uploads.submit(VIRAL_READS)
     if features is not None:
         features.close()
+        uploads.submit(FEATURES)
     with open(tmp / HIGHEST, "w") as out:
         out.write(HIGHEST_HEADER)
         chunks = highest.write_merged(out)
+    uploads.submit(HIGHEST)
     summary = {
         "run_id": plan.run_id,
         "reads": plan.total_reads,
@@ -227,9 +310,11 @@ def _assemble(
         summary["short_reads_warning"] = short
         get_logger(run_id=plan.run_id).warning("short_reads", message=short)
     (tmp / SUMMARY).write_text(stats.tsv())
+    uploads.submit(SUMMARY)
     from job.report import render_report  # matplotlib: loaded by the merge only, not by `status` or the workers
 
     (tmp / REPORT).write_text(render_report(summary, stats, parts, plan.created_at, inputs.gpu_hour_price))
+    uploads.submit(REPORT)
     return summary
 
 

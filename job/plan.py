@@ -149,8 +149,14 @@ class Plan:
         return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
-    def from_header(cls, data: bytes) -> Plan:
+    def from_header(cls, data: bytes, output: str) -> Plan:
         body = json.loads(data)
+        if "shards" in body:  # the plan of the release before the streaming plan: every shard in one file
+            raise BadInput(
+                f"the run at {output} was planned by an earlier version of virnucpro (one-file {PLAN_KEY}), "
+                "which this version cannot resume or check: finish it with the version that started it, "
+                "or start it again with another --output (a finished run's outputs are complete as they are)"
+            )
         return cls(
             run_id=body["run_id"],
             inputs=tuple(InputObject(i["uri"], i["size"], i["version"]) for i in body["inputs"]),
@@ -171,7 +177,7 @@ def load_plan(store: Store, known: Plan | None = None) -> Plan | None:
         header = store.get(PLAN_KEY)
         if header is None:
             return None
-        plan = Plan.from_header(header.data)
+        plan = Plan.from_header(header.data, store.uri)
     if plan.complete or plan.error:
         return plan
     done = store.get(DONE_KEY)  # read before the shards: once it exists, every shard does
@@ -201,7 +207,7 @@ def plan_header(
             return fresh
         stored = store.get(PLAN_KEY)  # another starter planned first: adopt its plan
         assert stored is not None
-    plan = Plan.from_header(stored.data)
+    plan = Plan.from_header(stored.data, store.uri)
     check_plan(plan, inputs, settings, store.uri)
     return plan
 

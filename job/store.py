@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +34,8 @@ from botocore.exceptions import ClientError
 from job import s3
 
 PART_SIZE = 64 * 2**20  # S3 multipart part size for large uploads (final outputs)
+STREAM_PART_SIZE = 16 * 2**20  # parts of an output streamed while it is written (S3's minimum: 5 MiB)
+STREAM_PARTS_AHEAD = 2  # parts of a streamed output held while earlier ones upload (bounds memory)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,14 @@ class Versioned:
     etag: str
 
 
+class Writer(Protocol):
+    """An object written piece by piece; it appears, whole and at once, only at `commit`."""
+
+    def write(self, data: bytes) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class Store(Protocol):
     uri: str
 
@@ -50,6 +62,7 @@ class Store(Protocol):
     def replace(self, key: str, data: bytes, etag: str) -> str | None: ...
     def put(self, key: str, data: bytes) -> None: ...
     def upload(self, key: str, path: str) -> None: ...
+    def writer(self, key: str) -> Writer: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, keys: Iterable[str]) -> None: ...
 
@@ -93,6 +106,10 @@ class S3Store:
     def upload(self, key: str, path: str) -> None:
         """Multipart upload above two parts (s3fs); the object appears only when complete."""
         self._fs.put_file(path, f"{self.bucket}/{self.prefix}{key}", chunksize=self.part_size)
+
+    def writer(self, key: str) -> Writer:
+        """Streamed to S3 while it is written: a multipart upload, completed at `commit`."""
+        return _MultipartWriter(self._client, self.bucket, self.prefix + key)
 
     def list(self, prefix: str) -> list[str]:
         keys: list[str] = []
@@ -206,6 +223,9 @@ class LocalStore:
             tmp.unlink(missing_ok=True)  # a full disk leaves no partial copy behind
             raise
 
+    def writer(self, key: str) -> Writer:
+        return _LocalWriter(self, key)
+
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix
         directory = base if prefix.endswith("/") or base.is_dir() else base.parent
@@ -237,6 +257,86 @@ class LocalStore:
             tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
             raise
         return tmp
+
+
+class _MultipartWriter:
+    """One S3 object written in parts while it is produced: each STREAM_PART_SIZE bytes go up
+    in a background thread (at most STREAM_PARTS_AHEAD waiting), so the upload overlaps the
+    work that produces the object. Nothing is visible before `commit` completes the upload; an
+    object smaller than one part is one plain PUT at `commit`; `abort` discards the parts."""
+
+    def __init__(self, client: Any, bucket: str, key: str) -> None:
+        self._client, self._bucket, self._key = client, bucket, key
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="part-upload")
+        self._parts: list[Future] = []
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= STREAM_PART_SIZE:
+            self._send(bytes(self._buffer))
+            self._buffer.clear()
+
+    def _send(self, body: bytes) -> None:
+        if self._upload_id is None:
+            self._upload_id = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._key)["UploadId"]
+        number = len(self._parts) + 1
+        self._parts.append(self._pool.submit(self._upload_part, number, body))
+        if len(self._parts) > STREAM_PARTS_AHEAD:
+            self._parts[-1 - STREAM_PARTS_AHEAD].result()  # wait: memory holds a few parts at most
+
+    def _upload_part(self, number: int, body: bytes) -> dict[str, object]:
+        response = self._client.upload_part(
+            Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=body
+        )
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
+    def commit(self) -> None:
+        if self._upload_id is None:
+            self._client.put_object(Bucket=self._bucket, Key=self._key, Body=bytes(self._buffer))
+        else:
+            if self._buffer:
+                self._send(bytes(self._buffer))
+            parts = [part.result() for part in self._parts]
+            self._client.complete_multipart_upload(
+                Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+            )
+        self._pool.shutdown()
+        self._buffer.clear()
+
+    def abort(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+        if self._upload_id is not None:
+            self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id)
+            self._upload_id = None
+
+
+class _LocalWriter:
+    """A local temporary file (outside the output directory, so a killed writer leaves nothing
+    there), handed to `LocalStore.upload` at `commit`: the key appears whole, at once."""
+
+    def __init__(self, store: LocalStore, key: str) -> None:
+        self._store, self._key = store, key
+        self._file = tempfile.NamedTemporaryFile(prefix="virnucpro-output-", delete=False)
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._file.write(data)
+        except BaseException:
+            self.abort()  # a full disk leaves no partial file behind
+            raise
+
+    def commit(self) -> None:
+        try:
+            self._file.close()
+            self._store.upload(self._key, self._file.name)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self._file.close()
+        Path(self._file.name).unlink(missing_ok=True)
 
 
 def _successors(path: Path) -> Path:

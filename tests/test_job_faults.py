@@ -139,6 +139,33 @@ def test_a_finished_run_refuses_other_inputs_and_models(demo_models: Path, tmp_p
     assert {str(p): p.stat().st_mtime_ns for p in Path(out).rglob("*")} == before  # nothing written after the marker
 
 
+def old_release_plan(inputs: list[Path]) -> bytes:
+    """`_run/plan.json` as the release before the streaming plan wrote it (65e0e01 job/plan.py
+    Plan.to_json): header fields and every shard in one object, segments [input, start, count, offset]."""
+    fingerprints = [{"uri": str(p), "size": p.stat().st_size, "version": "old"} for p in inputs]
+    shards = [{"index": 0, "reads": 12, "segments": [[0, 0, 12, 0]], "duplicates": [5]}]
+    body = {"run_id": "0123456789ab", "created_at": 1.0e9, "inputs": fingerprints,
+            "settings": {"chunk_length": 500, "write_features": False}, "shard_reads": 20000, "shards": shards}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def test_a_run_planned_by_the_previous_release_is_refused_in_one_line(demo_models: Path, tmp_path: Path) -> None:
+    write_reads(tmp_path / "in.fa", 12, seed=2)
+    out = tmp_path / "out"
+    (out / "_run" / "shards").mkdir(parents=True)
+    (out / "_run" / "plan.json").write_bytes(old_release_plan([tmp_path / "in.fa"]))
+    (out / "_run" / "shards" / "00000.json").write_text('{"index":0,"attempt":1,"parts":[],"done":false}')
+    before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    resumed = run(run_args(demo_models, [str(tmp_path / "in.fa")], str(out), "--workers", "1"))
+    assert resumed.returncode == 65
+    error = one_line_error(resumed.stderr)
+    assert f"the run at {out} was planned by an earlier version of virnucpro" in error
+    assert "another --output" in error
+    status = run(virnucpro("status", "--output", str(out)))
+    assert status.returncode == 65 and "planned by an earlier version" in one_line_error(status.stderr)
+    assert {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written
+
+
 def test_bench_without_a_gpu_is_a_usage_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -75,6 +76,32 @@ def test_large_upload_is_multipart(bucket: str, tmp_path) -> None:  # noqa: F811
     head = boto3.client("s3").head_object(Bucket=bucket, Key="out/big")
     assert head["ETag"].strip('"').endswith("-3")  # three parts
     assert head["ContentLength"] == 11 * 2**20
+
+
+@pytest.mark.parametrize("size", [0, 5 * 2**20 - 1, 5 * 2**20, 17 * 2**20 + 3])
+def test_a_streamed_object_appears_whole_at_commit_and_never_after_abort(
+    store: Store, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import job.store
+
+    monkeypatch.setattr(job.store, "STREAM_PART_SIZE", 5 * 2**20)  # S3's smallest part: several parts
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    writer = store.writer("out/big.tsv")
+    for start in range(0, size, 3 * 2**20 + 7):  # pieces that do not line up with the parts
+        writer.write(data[start:start + 3 * 2**20 + 7])
+    assert store.get("out/big.tsv") is None and store.list("out/") == []  # nothing visible yet
+    writer.commit()
+    assert store.get("out/big.tsv").data == data
+    dropped = store.writer("out/dropped.tsv")
+    dropped.write(data)
+    dropped.abort()
+    assert store.list("out/") == ["out/big.tsv"]
+    if isinstance(store, LocalStore):  # no temporary file left in the output, hidden or not
+        assert [p.name for p in Path(store.uri).rglob("*") if p.is_file()] == ["big.tsv"]
+    if isinstance(store, S3Store):  # sent in parts from 5 MiB on, and no parts left behind to be billed
+        etag = boto3.client("s3").head_object(Bucket=store.bucket, Key=store.prefix + "out/big.tsv")["ETag"]
+        assert ("-" in etag) == (size >= 5 * 2**20), etag
+        assert boto3.client("s3").list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
 
 
 def test_local_upload_and_atomic_names(tmp_path) -> None:  # noqa: ANN001
