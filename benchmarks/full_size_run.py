@@ -111,17 +111,25 @@ def stamp(event: dict) -> float:
     return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
-def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_reads: int,
-            device: str = "cuda", reuse: bool = True) -> dict:
-    """One job over `reads` on the first `gpus` GPUs (or one CPU worker); its figures from
-    the log and _SUCCESS."""
-    run_dir = work / f"gpus{gpus}{'' if reuse else '-no-reuse'}"
+def job_command(run_dir: Path, models: dict[str, str], reads: list, device: str) -> tuple[Path, Path, list[str]]:
+    """Write `reads` under `run_dir` and return (output, log, the `virnucpro run` argv) on the
+    given models. The spot poller is pointed at a closed loopback port: the benchmark runs
+    outside EC2 and must ask no metadata service."""
     run_dir.mkdir(parents=True)
     fasta, output, log = run_dir / "reads.fa", run_dir / "out", run_dir / "job.log"
     fasta.write_text("".join(f">{r.id}\n{r.sequence}\n" for r in reads))
     command = [sys.executable, "-m", "job.cli", "run", "--input", str(fasta), "--output", str(output),
                "--esm-model", models["esm"], "--dnabert-model", models["dnabert"],
-               "--classifier", models["classifier"], "--device", device, "--shard-reads", str(shard_reads)]
+               "--classifier", models["classifier"], "--device", device, "--imds-url", "http://127.0.0.1:9"]
+    return output, log, command
+
+
+def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_reads: int,
+            device: str = "cuda", reuse: bool = True) -> dict:
+    """One job over `reads` on the first `gpus` GPUs (or one CPU worker); its figures from
+    the log and _SUCCESS."""
+    output, log, command = job_command(work / f"gpus{gpus}{'' if reuse else '-no-reuse'}", models, reads, device)
+    command += ["--shard-reads", str(shard_reads)]
     if not reuse:
         command.append("--no-reuse")
     env = dict(os.environ)
@@ -184,13 +192,8 @@ def cold_start_job(work: Path, models: dict[str, str], label: str, model_cache: 
     directories are new and empty for every run (a fresh machine's /tmp); `model_cache` is
     what the run may find from an earlier one (converted weights, compiler artifacts)."""
     run_dir = work / f"cold-{label}"
-    run_dir.mkdir(parents=True)
-    fasta, output, log = run_dir / "reads.fa", run_dir / "out", run_dir / "job.log"
-    fasta.write_text("".join(f">{r.id}\n{r.sequence}\n" for r in reads))
-    command = [sys.executable, "-m", "job.cli", "run", "--input", str(fasta), "--output", str(output),
-               "--esm-model", models["esm"], "--dnabert-model", models["dnabert"],
-               "--classifier", models["classifier"], "--device", device, "--workers", "1",
-               "--model-cache", str(model_cache), "--log-format", "json"]
+    output, log, command = job_command(run_dir, models, reads, device)
+    command += ["--workers", "1", "--model-cache", str(model_cache), "--log-format", "json"]
     if device == "cpu":
         command.append("--compile")  # compile the CPU engine too, so that its cache plays a part
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(run_dir / "inductor"), "TRITON_CACHE_DIR": str(run_dir / "triton")}
