@@ -214,6 +214,7 @@ def _cpu_seconds(pid: int) -> float:
 def _merge_setup(store, reads: int) -> float:  # noqa: ANN001 (Store)
     """A finished run of `reads` generated reads (20,000 a shard, parts of 2,000); seconds taken."""
     from job.inputs import InputObject
+    from job.parts import PART_SUFFIX, pack_rows
     from job.plan import DONE_KEY, PLAN_KEY, Plan, Segment, Shard
     from job.shards import Part, ShardState, shard_key
     from job.summary import RunStats
@@ -237,15 +238,14 @@ def _merge_setup(store, reads: int) -> float:  # noqa: ANN001 (Store)
             counts = RunStats([], 500)
             for line in reads_rows:
                 counts.add_row(line)
-            rows = {
-                "reads": reads_rows,
-                "counts": counts.counts_json(),
-                "predictions": [f"{i}_chunk_1F1\tothers\t0.6\t0.4\n" for i in ids[::10]],
-                "highest": sorted(f"{i}_chunk_1\t0.4\t0.6\tothers\n" for i in ids[::10]),
-                "outcomes": {"others": len(ids)},
-            }
-            key = f"_run/parts/{shard['index']:05d}/bench-{first:06d}.json"
-            store.put(key, json.dumps(rows).encode())
+            rows = pack_rows(
+                reads=reads_rows,
+                predictions=[f"{i}_chunk_1F1\tothers\t0.6\t0.4\n" for i in ids[::10]],
+                highest=sorted(f"{i}_chunk_1\t0.4\t0.6\tothers\n" for i in ids[::10]),
+                outcomes={"others": len(ids)}, counts=counts.counts_json(), viral=None,
+            )
+            key = f"_run/parts/{shard['index']:05d}/bench-{first:06d}{PART_SUFFIX}"
+            store.put(key, rows)
             parts.append(Part(key, None, len(ids), len(ids) // 10, 1.0, 0.0, "cpu"))
         state = ShardState(shard["index"], attempt=1, parts=tuple(parts), done=True)
         store.create(shard_key(shard["index"]), state.to_json())

@@ -34,7 +34,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 from isal import igzip
@@ -45,7 +45,7 @@ from job.features import FeatureWriter
 from job.lease import Claim, ExpiryObserver, Lease, Renewer
 from job.lease import claim as take_claim
 from job.log import get_logger
-from job.parts import decode_features, decode_rows, read_sources
+from job.parts import decode_features, decode_rows, lines, read_sources
 from job.plan import INPUT_COPIES, Plan, shard_records
 from job.shards import Part, ShardState, read_shard
 from job.store import Store, Writer
@@ -199,7 +199,10 @@ class _Uploads:
 
 
 class _Streamed:
-    """A text output going to a store `Writer`, with the size and sha256 the marker records."""
+    """An output going to a store `Writer`, with the size and sha256 the marker records.
+
+    It is written a part's section at a time: hashlib releases the GIL for blocks over 2 KiB,
+    so the hashing overlaps the threads that fetch parts and upload the output."""
 
     def __init__(self, writer: Writer) -> None:
         self.writer = writer
@@ -207,8 +210,7 @@ class _Streamed:
         self._digest = hashlib.sha256()
         self._bytes = 0
 
-    def write(self, text: str) -> None:
-        data = text.encode()
+    def write(self, data: bytes) -> None:
         self._digest.update(data)
         self._bytes += len(data)
         self.writer.write(data)
@@ -243,22 +245,22 @@ def _assemble(
     predictions, reads = uploads.stream(PREDICTIONS), uploads.stream(READS)
     with ExitStack() as files:
         viral = files.enter_context(_viral_writer(tmp / VIRAL_READS)) if plan.settings.get("write_viral_reads") else None
-        predictions.write(PREDICTION_HEADER)
-        reads.write(READS_HEADER)
+        predictions.write(PREDICTION_HEADER.encode())
+        reads.write(READS_HEADER.encode())
         for shard, state in zip(plan.shards, states):
-            for _part in state.parts:
+            for part in state.parts:
                 if stop.is_set():
                     raise Interrupted("stopped while merging")
                 rows_data, features_data = next(fetched)
-                rows = decode_rows(rows_data)
-                predictions.write("".join(rows.predictions))
-                reads.write("".join(rows.reads))
+                rows = decode_rows(rows_data, part.rows)
+                predictions.write(rows.predictions)
+                reads.write(rows.reads)
                 stats.add_counts(rows.counts)
                 if viral is not None:
                     viral.writelines(viral_fasta(rows.viral or ()))
-                highest.add(rows.highest)
+                highest.add(lines(rows.highest))
                 outcomes.update(rows.outcomes)
-                frames += len(rows.predictions)
+                frames += rows.frames
                 if features is not None and features_data is not None:
                     features.add(rows.frame_ids, decode_features(features_data))
             if state.failed:  # its reads that were never scored are still listed, with the reason
@@ -266,7 +268,7 @@ def _assemble(
                 sources = read_sources(plan, shard, state.reads_done, shard.reads - state.reads_done)
                 for record, source in zip(unscored, sources):
                     line = reads_line(ReadSummary(record.id, len(record.sequence), 0, 0, None, "none", SHARD_FAILED), 0, source)
-                    reads.write(line)
+                    reads.write(line.encode())
                     stats.add_row(line)
                     outcomes[SHARD_FAILED] += 1
     uploads.submit(PREDICTIONS, predictions)
@@ -276,8 +278,8 @@ def _assemble(
     if features is not None:
         features.close()
         uploads.submit(FEATURES)
-    with open(tmp / HIGHEST, "w") as out:
-        out.write(HIGHEST_HEADER)
+    with open(tmp / HIGHEST, "wb") as out:
+        out.write(HIGHEST_HEADER.encode())
         chunks = highest.write_merged(out)
     uploads.submit(HIGHEST)
     summary = {
@@ -343,8 +345,9 @@ def _prefetch(store: Store, parts: list[Part], with_features: bool) -> Iterator[
             yield pending.popleft().result()
 
 
-def _chunk_id(line: str) -> str:
-    return line.split("\t", 1)[0]
+def _chunk_id(line: bytes) -> bytes:
+    """The sort key; UTF-8 bytes sort as their code points do, so the order is that of the text."""
+    return line.split(b"\t", 1)[0]
 
 
 class _SortedRuns:
@@ -360,21 +363,21 @@ class _SortedRuns:
         self.directory = directory
         directory.mkdir()
         self.runs: list[Path] = []
-        self._rows: list[str] = []
+        self._rows: list[bytes] = []
 
-    def add(self, rows: list[str]) -> None:
+    def add(self, rows: list[bytes]) -> None:
         self._rows.extend(rows)
         if len(self._rows) >= RUN_ROWS:
             self._spill()
 
     def _spill(self) -> None:
         path = self.directory / f"{len(self.runs):06d}.txt"
-        with open(path, "w") as out:
+        with open(path, "wb") as out:
             out.writelines(sorted(self._rows, key=_chunk_id))
         self.runs.append(path)
         self._rows = []
 
-    def write_merged(self, out: TextIO) -> int:
+    def write_merged(self, out: BinaryIO) -> int:
         """Write every row in chunk-id order; returns the number of rows."""
         if self._rows or not self.runs:
             self._spill()
@@ -384,7 +387,7 @@ class _SortedRuns:
             merged = []
             for start in range(0, len(runs), MAX_OPEN_RUNS):
                 path = self.directory / f"l{level}-{start:06d}.txt"
-                with open(path, "w") as target:
+                with open(path, "wb") as target:
                     _merge_files(runs[start:start + MAX_OPEN_RUNS], target)
                 for run in runs[start:start + MAX_OPEN_RUNS]:
                     run.unlink()
@@ -393,9 +396,9 @@ class _SortedRuns:
         return _merge_files(runs, out)
 
 
-def _merge_files(paths: list[Path], out: TextIO) -> int:
+def _merge_files(paths: list[Path], out: BinaryIO) -> int:
     with ExitStack() as stack:
-        files = [stack.enter_context(open(path, buffering=2**20)) for path in paths]
+        files = [stack.enter_context(open(path, "rb", buffering=2**20)) for path in paths]
         rows = 0
         for line in heapq.merge(*files, key=_chunk_id):
             out.write(line)

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -122,6 +123,30 @@ def test_parts_at_group_boundaries_and_merge(tmp_path: Path) -> None:
     assert highest[1:] == sorted(highest[1:])
     assert json.loads((out / "_SUCCESS").read_text())["files"]["features.h5"]["bytes"] > 0
     assert store.list("_run/parts/") == []  # cleaned up after the marker
+
+
+def test_parts_of_the_previous_release_merge_to_the_same_bytes(tmp_path: Path) -> None:
+    """A run resumed or retried by this version may hold parts in format 1 (one JSON object of
+    lists of lines) beside its own: the outputs are byte-identical either way."""
+    import shutil
+
+    from job.parts import decode_rows, lines
+
+    run, store = make_run(tmp_path, 25, shard_reads=10, group_reads=3, checkpoint_seconds=0.0, write_features=True)
+    assert work(run, store, FakePredictor(3)) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(run.output, copy)
+    old = LocalStore(str(copy))
+    committed = [part.rows for index in range(3) for part in read_shard(old, index)[0].parts]
+    for key in committed[::2]:  # every other part rewritten as the previous release wrote it
+        rows = decode_rows(old.get(key).data, key)
+        body = {name: [line.decode() for line in lines(getattr(rows, name))] for name in ("reads", "predictions", "highest")}
+        old.put(key, json.dumps({**body, "outcomes": rows.outcomes, "viral": rows.viral, "counts": rows.counts}).encode())
+    assert all(old.get(key).data.startswith(b"{") for key in committed[::2]) and len(committed) > 2
+    assert finish(replace(run, output=str(copy)), old)[0] == finish(run, store)[0] == SUCCESS
+    for name in ("reads.tsv", "prediction_results.txt", "prediction_results_highestscore.csv", "summary.tsv", "features.h5"):
+        assert (copy / name).read_bytes() == (Path(run.output) / name).read_bytes(), name
+    assert old.list("_run/parts/") == []
 
 
 def test_a_shard_that_keeps_failing_is_reported(tmp_path: Path) -> None:
