@@ -125,9 +125,20 @@ def merge(store: Store, plan: Plan, inputs: MergeInputs, claim: MergeClaim, stop
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
         states = list(pool.map(lambda shard: read_shard(store, shard.index)[0], plan.shards))
     assert plan.complete and all(state.final for state in states), "merge started before every shard was final"
-    with Renewer(claim.lease, log), tempfile.TemporaryDirectory(prefix="virnucpro-merge-") as tmp:
+    lister = ThreadPoolExecutor(1, thread_name_prefix="leftovers")
+    with Renewer(claim.lease, log), tempfile.TemporaryDirectory(prefix="virnucpro-merge-") as tmp, lister:
         with _Uploads(store, Path(tmp), lambda: _check_still_merging(store, claim, stop), log) as uploads:
-            summary = _assemble(store, plan, states, inputs, Path(tmp), stop, uploads)
+            summary, stats = _assemble(store, plan, states, inputs, Path(tmp), stop, uploads)
+            # What _SUCCESS lets us delete is listed (in one listing) while the report renders:
+            # the store has little else to do then, and listing 10^5 parts takes it seconds.
+            leftovers = None if summary["failed_shards"] else lister.submit(
+                lambda: [key for key in store.list("_run/") if key.startswith((PARTS_PREFIX, INPUT_COPIES))]
+            )
+            from job.report import render_report  # matplotlib: loaded by the merge only, not by `status` or the workers
+
+            parts = [part for state in states for part in state.parts]
+            (Path(tmp) / REPORT).write_text(render_report(summary, stats, parts, plan.created_at, inputs.gpu_hour_price))
+            uploads.submit(REPORT)
             summary["files"] = uploads.described()
     _check_still_merging(store, claim, stop)
     if not claim.renew():
@@ -139,8 +150,8 @@ def merge(store: Store, plan: Plan, inputs: MergeInputs, claim: MergeClaim, stop
         assert finished is not None
         return finished
     log.info("run_finished", marker=marker, reads=summary["reads"], frames=summary["frames"])
-    if marker == SUCCESS:  # after _FAILED the parts stay, for --retry-failed
-        store.delete(store.list(PARTS_PREFIX) + store.list(INPUT_COPIES))
+    if leftovers is not None:  # _SUCCESS; after _FAILED the parts stay, for --retry-failed
+        store.delete(leftovers.result())
     return marker, summary
 
 
@@ -232,9 +243,9 @@ def _check_still_merging(store: Store, claim: MergeClaim, stop: threading.Event)
 def _assemble(
     store: Store, plan: Plan, states: list[ShardState], inputs: MergeInputs, tmp: Path, stop: threading.Event,
     uploads: _Uploads,
-) -> dict:
-    """Write every output (two streamed through `uploads`, the rest under `tmp`), handing each
-    to `uploads` once complete; returns the marker's summary."""
+) -> tuple[dict, RunStats]:
+    """Write every output but the report (two streamed through `uploads`, the rest under `tmp`),
+    handing each to `uploads` once complete; returns the marker's summary and the run's counts."""
     outcomes: Counter[str] = Counter()
     frames = 0
     features = _BlockedFeatures(str(tmp / FEATURES), inputs.feature_dim) if inputs.write_features else None
@@ -313,11 +324,7 @@ def _assemble(
         get_logger(run_id=plan.run_id).warning("short_reads", message=short)
     (tmp / SUMMARY).write_text(stats.tsv())
     uploads.submit(SUMMARY)
-    from job.report import render_report  # matplotlib: loaded by the merge only, not by `status` or the workers
-
-    (tmp / REPORT).write_text(render_report(summary, stats, parts, plan.created_at, inputs.gpu_hour_price))
-    uploads.submit(REPORT)
-    return summary
+    return summary, stats
 
 
 @contextmanager
