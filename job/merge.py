@@ -120,7 +120,8 @@ def merge(store: Store, plan: Plan, inputs: MergeInputs, claim: MergeClaim, stop
     assert claim.lease is not None, "merge() needs an acquired MergeClaim"
     if (finished := read_marker(store)) is not None:  # finished while we took the claim
         return finished
-    # matplotlib's import (about a second) overlaps the parts' download; the report needs it at the end
+    # The report's matplotlib: loaded already when this process ran the workers (job/batch.py);
+    # else imported while the parts download (about a second), as the report needs it at the end
     threading.Thread(target=importlib.import_module, args=("job.report",), daemon=True).start()
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
         states = list(pool.map(lambda shard: read_shard(store, shard.index)[0], plan.shards))
