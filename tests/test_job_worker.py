@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -11,13 +12,16 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from core.reads import Record
 from core.outputs import FrameScore, ReadSummary
 from core.pipeline import ReadResult
 from job.config import RunConfig
+from job.errors import BadInput
 from job.inputs import resolve_inputs
 from job.merge import FAILED, SUCCESS, MergeClaim, MergeInputs, merge, read_marker
+from job.parts import decode_rows, lines
 from job.plan import plan_run
 from job.shards import read_shard
 from job.store import LocalStore
@@ -128,10 +132,6 @@ def test_parts_at_group_boundaries_and_merge(tmp_path: Path) -> None:
 def test_parts_of_the_previous_release_merge_to_the_same_bytes(tmp_path: Path) -> None:
     """A run resumed or retried by this version may hold parts in format 1 (one JSON object of
     lists of lines) beside its own: the outputs are byte-identical either way."""
-    import shutil
-
-    from job.parts import decode_rows, lines
-
     run, store = make_run(tmp_path, 25, shard_reads=10, group_reads=3, checkpoint_seconds=0.0, write_features=True)
     assert work(run, store, FakePredictor(3)) == 0
     copy = tmp_path / "copy"
@@ -147,6 +147,17 @@ def test_parts_of_the_previous_release_merge_to_the_same_bytes(tmp_path: Path) -
     for name in ("reads.tsv", "prediction_results.txt", "prediction_results_highestscore.csv", "summary.tsv", "features.h5"):
         assert (copy / name).read_bytes() == (Path(run.output) / name).read_bytes(), name
     assert old.list("_run/parts/") == []
+
+
+def test_a_part_in_an_unknown_format_stops_the_merge_naming_it_and_nothing_appears(tmp_path: Path) -> None:
+    run, store = make_run(tmp_path, 12, shard_reads=10, group_reads=3, checkpoint_seconds=0.0)
+    assert work(run, store, FakePredictor(3)) == 0
+    key = read_shard(store, 1)[0].parts[0].rows
+    store.put(key, b"virnucpro-part 3\n{}\n")  # as a later release might write it
+    with pytest.raises(BadInput, match=f"part {key} is not in a part format"):
+        finish(run, store)
+    assert read_marker(store) is None
+    assert sorted(p.name for p in Path(run.output).iterdir()) == ["_run"]  # no output, whole or partial
 
 
 def test_a_shard_that_keeps_failing_is_reported(tmp_path: Path) -> None:
