@@ -164,6 +164,29 @@ def weights_cache(model_cache: str, identity: Mapping[str, object] | None) -> We
     return WeightsCache(Path(model_cache).expanduser() / "converted", str(digest), in_background=True) if digest else None
 
 
+def prefetch_converted(model_cache: str, identity: Mapping[str, object]) -> int:
+    """Have the kernel read this model's converted weights (`weights_cache`; core.model_cache
+    names the files by the source's sha256) into the page cache in the background, now. On a
+    fresh machine ESM-2 3B's 5.6 GB then come off the disk while the parent and the workers
+    import torch, instead of during the workers' load. A hint only: returns the bytes asked
+    for, and a file that cannot be opened is left to the load to report."""
+    digest = identity.get("sha256")
+    if not digest:
+        return 0
+    asked = 0
+    for path in (Path(model_cache).expanduser() / "converted").glob(f"*-{str(digest)[:32]}.safetensors"):
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+            asked += os.fstat(descriptor).st_size
+        finally:
+            os.close(descriptor)
+    return asked
+
+
 def compiler_cache_dir(model_cache: str) -> Path:
     """Where the compiler's artifacts are kept (core.model_cache), beside the converted weights."""
     return Path(model_cache).expanduser() / "compiled"
