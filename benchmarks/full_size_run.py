@@ -179,7 +179,7 @@ COLD_START_STEPS = (  # (label, event that ends it), in the order a worker meets
     ("worker: process start", None),  # the rest of the worker's time to models_loaded
     ("worker: import torch", "import_seconds"),
     ("worker: load both encoders", "load_seconds"),
-    ("worker: compiler artifacts loaded and saved", None),  # engine_ready - models_loaded - the warm-up
+    ("worker: compiler artifacts saved", None),  # engine_ready - models_loaded - the warm-up (loaded before the models)
     ("worker: warm-up (compile)", "warm_up_seconds"),
     ("worker: waiting for the parent's plan", "worker_started"),  # the parent checks and plans meanwhile
     ("worker: first group scored", "first_batch_scored"),

@@ -34,6 +34,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import pynvml
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core.errors import UserError
@@ -45,7 +46,7 @@ from job.lease import ExpiryObserver, Renewer
 from job.lease import claim as take_claim
 from job.log import for_people, get_logger
 from job.merge import DEMO_WARNING, FAILED, MERGE_KEY, MergeClaim, MergeInputs, merge, read_marker
-from job.models import LocalModel, localize_model, prefetch_converted
+from job.models import LocalModel, checked_models, localize_model
 from job.plan import PLANNER_KEY, Plan, Planner, load_plan, plan_header
 from job.shards import charge_dead_worker, reopen_failed
 from job.spot import SpotWatcher
@@ -114,9 +115,6 @@ class _BatchRun:
             name: localize_model(getattr(self.config, name), self.config.model_cache, self.endpoint)
             for name in ("esm_model", "dnabert_model", "classifier")
         }
-        if self.config.device != "cpu":  # converted weights are the workers' on a GPU only
-            asked = sum(prefetch_converted(self.config.model_cache, model.identity()) for model in models.values())
-            self.log.info("weights_prefetched", bytes=asked)
         # The workers get the user's config with the models made local (downloaded from S3 and
         # checksummed once here, so every worker loads the same bytes): nothing else differs.
         worker_config = replace(
@@ -134,13 +132,9 @@ class _BatchRun:
         self, store: Store, inputs: list[InputObject], models: dict[str, LocalModel], workers: _Workers,
     ) -> int:
         """Check the models, settle the plan, let the workers run it, merge."""
-        # torch, imported here (the checks need it) while the workers start up
-        from core.pipeline import PUBLISHED_DNA_DIM, PUBLISHED_PROTEIN_DIM, check_models
-
         # Before the plan: a model that cannot work is refused before the run is tied to it.
-        chunk_length, feature_dim = check_models(
-            models["esm_model"].path, models["dnabert_model"].path, models["classifier"].path,
-            self.config.chunk_length, self.config.force_chunk_length,
+        chunk_length, feature_dim, demo_models = checked_models(
+            models, self.config.chunk_length, self.config.force_chunk_length, self.config.model_cache
         )
         if self.stop.is_set():
             raise Interrupted("stopped during start-up")
@@ -168,7 +162,6 @@ class _BatchRun:
         self.log.info(
             "run_planned", shard_reads=header.shard_reads, inputs=len(header.inputs), input_bytes=header.input_bytes
         )
-        demo_models = feature_dim != PUBLISHED_DNA_DIM + PUBLISHED_PROTEIN_DIM
         if demo_models:
             self.log.warning("demo_models", message=DEMO_WARNING)
         planner = _PlanThread(store, header, self.endpoint, self.stop, self.owner, self.config.lease_seconds)
@@ -433,14 +426,24 @@ def _all_final(store: Store, plan: Plan) -> bool:
 
 
 def _visible_gpus(config: RunConfig) -> list[str]:
-    """CUDA device ids to hand out to the workers, one each (round robin); empty on CPU."""
+    """CUDA device ids to hand out to the workers, one each (round robin); empty on CPU.
+
+    The driver's count comes from NVML (NVIDIA's management library, as nvidia-smi reads
+    it), not torch: importing torch takes seconds on a fresh machine, and the workers are
+    started before anything else needs it. CUDA_VISIBLE_DEVICES, when set, names the GPUs."""
     if config.device == "cpu":
         return []
-    import torch
-
-    count = torch.cuda.device_count()
-    listed = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return (listed or [str(i) for i in range(count)])[:count]
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver, or no NVIDIA GPU: the workers run on the CPU
+        return []
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()][:count]
+    return [str(i) for i in range(count)]
 
 
 def _show_bar(status: RunStatus) -> None:

@@ -24,10 +24,11 @@ may hold another run's plan that the parent is about to refuse. A worker told no
 parent stopped it, or closed its stdin) exits 75; a model it cannot load before that is
 reported only if the parent goes on (the parent's own checks report it otherwise, once).
 
-Start-up, timed in the log for the cold-start benchmark: `models_loaded` (torch import, the
-two encoders loaded at once, on a GPU from their converted weights in the model cache when
-there), `warm_up_started` and `engine_ready` (compiling, after loading the compiler's saved
-artifacts), `worker_started` (the run named), `first_batch_scored`.
+Start-up, timed in the log for the cold-start benchmark: `compiler_artifacts_loaded` (what
+earlier workers compiled, handed to torch first), `models_loaded` (torch import, the two
+encoders loaded at once, on a GPU from their converted weights in the model cache, read
+ahead while torch is imported), `warm_up_started` and `engine_ready` (compiling),
+`worker_started` (the run named), `first_batch_scored`.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import without_unsafe_advice
@@ -52,12 +54,15 @@ from job.config import RunConfig
 from job.errors import BadInput, disk_error_code, disk_error_message, user_error_code
 from job.lease import ExpiryObserver, Renewer
 from job.log import configure, get_logger
+from job.models import compiler_cache_dir, read_ahead, weights_cache
 from job.parts import encode_features, encode_rows, read_sources
 from job.plan import Plan, load_plan, shard_records
 from job.shards import Part, ShardLease, claim, read_shard, shard_key
 from job.store import Store, open_store
 
 if TYPE_CHECKING:  # torch is imported by main() once the signal handlers are in place
+    import torch
+
     from core.model_cache import WeightsCache
     from core.reads import Record
     from core.pipeline import Predictor, ReadResult
@@ -416,7 +421,7 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
         return exit_codes.INTERRUPTED
     log = get_logger(pid=os.getpid())
     try:
-        predictor, device, caches = _load(spec, log)
+        predictor, device, caches, compiler = _load(spec, log)
     except Exception as exc:
         # A model the parent's checks refuse too: the parent reports it, once, and stops us
         if user_error_code(exc) is not None and _run_named_by_parent(stop) is None:
@@ -424,7 +429,7 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
         raise
     if stop.is_set():
         return exit_codes.INTERRUPTED
-    warm_up_seconds, compiler_cache = _warm_up(predictor, config, device, stop, log)
+    warm_up_seconds, compiler_cache = _warm_up(predictor, compiler, stop, log)
     if stop.is_set():  # before any claim: a stop during the warm-up takes no lease
         log.info("worker_stopped", message="stopped during the warm-up; no shard was claimed")
         return exit_codes.INTERRUPTED
@@ -447,15 +452,16 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
     return code
 
 
-def _load(spec: WorkerSpec, log: Any) -> tuple[Predictor, str, dict[str, WeightsCache | None]]:
-    """Import torch and load the models (timed in the log): the predictor, its device and the
-    encoders' converted-weights caches."""
+def _load(spec: WorkerSpec, log: Any) -> tuple[Predictor, str, dict[str, WeightsCache | None], CompilerCache | None]:
+    """Import torch and load the models (timed in the log): the predictor, its device, the
+    encoders' converted-weights caches and the compiler's artifacts handed to torch."""
     config = spec.config
+    if config.device != "cpu":  # converted weights are kept for a GPU only (below)
+        read_ahead(config.model_cache, [spec.models.get(name, {}) for name in ("esm_model", "dnabert_model")])
     began = time.perf_counter()
     import torch
 
     from core.pipeline import load_predictor, resolve_device
-    from job.models import weights_cache
 
     imported = time.perf_counter()
     if config.device == "cpu":
@@ -463,6 +469,7 @@ def _load(spec: WorkerSpec, log: Any) -> tuple[Predictor, str, dict[str, Weights
         # (CPU kernels sum in a thread-count dependent order); --workers uses more cores.
         torch.set_num_threads(1)
     target = resolve_device(config.device)
+    compiler = CompilerCache.load(spec, target, log)
     # Converted weights are kept for a GPU only: there they are float16, half the source's
     # size and no conversion; on the CPU they would be a second float32 copy of the source.
     caches = {name: weights_cache(config.model_cache, spec.models.get(name)) if target.type == "cuda" else None
@@ -476,28 +483,55 @@ def _load(spec: WorkerSpec, log: Any) -> tuple[Predictor, str, dict[str, Weights
         "models_loaded", import_seconds=round(imported - began, 2), load_seconds=round(time.perf_counter() - imported, 2),
         esm=predictor.esm.loaded_from, dnabert=predictor.dnabert.loaded_from,
     )
-    return predictor, str(target), caches
+    return predictor, str(target), caches, compiler
 
 
-def _warm_up(predictor: Predictor, config: RunConfig, device: str, stop: threading.Event, log: Any) -> tuple[float, str]:
+@dataclass(frozen=True)
+class CompilerCache:
+    """The compiler's artifacts saved by an earlier worker (core.model_cache), handed to torch
+    before anything compiles: the attention backend's check compiles already while the
+    encoders load, the warm-up after. Keyed by torch, Triton, the GPU, the models and the
+    requested token budget, all known before the models load."""
+
+    path: Path
+    status: str  # what loading them did: 'loaded', 'missing', 'refused: why'
+    loaded: set[str]
+
+    @classmethod
+    def load(cls, spec: WorkerSpec, device: torch.device, log: Any) -> CompilerCache | None:
+        """None when the engine runs eagerly: nothing to compile."""
+        from core.engine import default_compile
+        from core.model_cache import compiler_artifacts_path, compiler_key, load_compiler_artifacts
+
+        config = spec.config
+        if not (default_compile(device) if config.compile is None else config.compile):
+            return None
+        engine = {"models": {name: spec.models.get(name) for name in ("esm_model", "dnabert_model")},
+                  "batch_tokens": config.batch_tokens}
+        key = compiler_key(engine, device)
+        path = compiler_artifacts_path(compiler_cache_dir(config.model_cache), key)
+        status, loaded = load_compiler_artifacts(path)
+        log.info("compiler_artifacts_loaded", compiler_cache=status, key=key)
+        return cls(path, status, loaded)
+
+    def save(self) -> str:
+        """What saving this process's artifacts did, after the load's: e.g. 'loaded, unchanged'."""
+        from core.model_cache import save_compiler_artifacts
+
+        return f"{self.status}, {save_compiler_artifacts(self.path, self.loaded)}"
+
+
+def _warm_up(predictor: Predictor, compiler: CompilerCache | None, stop: threading.Event, log: Any) -> tuple[float, str]:
     """Compile the engine for every batch shape, stopping between shapes on a stop: the
-    seconds it took, and what the compiler's artifact cache did. Artifacts saved by an
-    earlier worker with the same torch, GPU and engine are loaded first (the compiler
-    then finds its work done), and saved afterwards when this warm-up compiled more."""
-    if not predictor.compiled:
+    seconds it took, and what the compiler's artifact cache did (saved afterwards when this
+    warm-up compiled more than it loaded)."""
+    if compiler is None or not predictor.compiled:
         return predictor.warm_up(stop), "not compiled"
-    from core.model_cache import compiler_artifacts_path, compiler_key, load_compiler_artifacts, save_compiler_artifacts
-    from job.models import compiler_cache_dir
-    import torch
-
-    key = compiler_key(predictor.compiler_settings, torch.device(device))
-    path = compiler_artifacts_path(compiler_cache_dir(config.model_cache), key)
-    status, loaded = load_compiler_artifacts(path)
-    log.info("warm_up_started", compiler_cache=status, key=key)
+    log.info("warm_up_started", compiler_cache=compiler.status)
     seconds = predictor.warm_up(stop)
     if stop.is_set():
-        return seconds, status
-    return seconds, f"{status}, {save_compiler_artifacts(path, loaded)}"
+        return seconds, compiler.status
+    return seconds, compiler.save()
 
 
 def _run_named_by_parent(stop: threading.Event) -> str | None:
