@@ -175,12 +175,13 @@ def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_re
 
 
 COLD_START_STEPS = (  # (label, event that ends it), in the order a worker meets them
-    ("parent: plan, model checksums and checks", "workers_started"),
-    ("worker: process start, plan read", None),  # the rest of the worker's time to models_loaded
+    ("parent: start to the workers' start (model checksums, GPU count)", "workers_started"),
+    ("worker: process start", None),  # the rest of the worker's time to models_loaded
     ("worker: import torch", "import_seconds"),
     ("worker: load both encoders", "load_seconds"),
-    ("worker: compiler artifacts loaded and saved", None),  # engine_ready - models_loaded - the warm-up
+    ("worker: compiler artifacts saved", None),  # engine_ready - models_loaded - the warm-up (loaded before the models)
     ("worker: warm-up (compile)", "warm_up_seconds"),
+    ("worker: waiting for the parent's plan", "worker_started"),  # the parent checks and plans meanwhile
     ("worker: first group scored", "first_batch_scored"),
 )
 
@@ -220,12 +221,15 @@ def cold_start_job(work: Path, models: dict[str, str], label: str, model_cache: 
         COLD_START_STEPS[3][0]: loaded["load_seconds"],
         COLD_START_STEPS[4][0]: stamp(ready) - stamp(loaded) - ready["warm_up_seconds"],
         COLD_START_STEPS[5][0]: ready["warm_up_seconds"],
-        COLD_START_STEPS[6][0]: stamp(events["first_batch_scored"]) - stamp(ready),
+        COLD_START_STEPS[6][0]: stamp(events["worker_started"]) - stamp(ready),
+        COLD_START_STEPS[7][0]: stamp(events["first_batch_scored"]) - stamp(events["worker_started"]),
     }
     result = {"label": label, "first_batch_s": round(first, 1), "steps_s": {k: round(v, 1) for k, v in steps.items()},
-              "esm": loaded["esm"], "dnabert": loaded["dnabert"], "compiler_cache": ready.get("compiler_cache")}
-    print(f"  {label}: first scored batch {first:.1f} s after the command started; ESM-2 from {loaded['esm']}, "
-          f"DNABERT-S from {loaded['dnabert']}, compiler cache: {ready.get('compiler_cache')}", flush=True)
+              "esm": loaded["esm"], "dnabert": loaded["dnabert"], "compiler_cache": ready.get("compiler_cache"),
+              "plan_settled_s": round(stamp(events["run_planned"]) - started, 1)}
+    print(f"  {label}: first scored batch {first:.1f} s after the command started (the parent settled the plan at "
+          f"{result['plan_settled_s']} s); ESM-2 from {loaded['esm']}, DNABERT-S from {loaded['dnabert']}, "
+          f"compiler cache: {ready.get('compiler_cache')}", flush=True)
     return result
 
 

@@ -14,8 +14,9 @@ a lock, so workers starting together write it once; a lock that cannot be had (a
 without locks) only costs a duplicate write, since the rename is atomic.
 
 Compiler artifacts: `torch.compiler.save_cache_artifacts()` after the warm-up, loaded with
-`load_cache_artifacts` before it, in a file keyed by torch's version, the GPU and the engine's
-settings. A file that cannot be used is reported and ignored: the warm-up then compiles.
+`load_cache_artifacts` before anything compiles, in a file keyed by torch's version, the GPU
+and what the caller says the compiled code depends on. A file that cannot be used is
+reported and ignored: the warm-up then compiles.
 """
 from __future__ import annotations
 
@@ -284,8 +285,8 @@ def _writer_lock(path: Path) -> Iterator[bool]:
 
 
 def compiler_key(engine: Mapping[str, object], device: torch.device) -> str:
-    """What compiled code depends on: torch (and Triton), the GPU, and the engine's settings
-    (backends, token budgets, widths). 24 hex digits of their sha256."""
+    """What compiled code depends on: torch (and Triton), the GPU, and `engine`, the caller's
+    settings that shape it (the models, token budgets). 24 hex digits of their sha256."""
     identity: dict[str, object] = {"torch": torch.__version__, "engine": dict(engine), "device": device.type}
     try:
         import triton

@@ -141,13 +141,6 @@ class Predictor:
         """Whether either encoder runs torch.compile'd (and so has something to warm up)."""
         return bool(self.dnabert.compile or self.esm.compile)
 
-    @property
-    def compiler_settings(self) -> dict[str, object]:
-        """What the compiled code depends on besides torch and the device: the engine and the
-        widths and token budgets of both encoders (core.model_cache.compiler_key)."""
-        return {**self.engine, "dnabert_batch_tokens": self.dnabert.batch_tokens,
-                "widths": [self.dnabert.dim, self.esm.dim]}
-
     def warm_up(self, stop: threading.Event | None = None) -> float:
         """Compile both encoders for every batch shape they will meet; seconds spent (about
         zero unless they run compiled). Without it, the first minutes of a run pay for

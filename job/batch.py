@@ -7,7 +7,9 @@ command does the same thing, so starting it again, or on N machines at once, is 
    arguments), and start the planner thread: the one starter holding `_run/planner.json`
    scans the inputs and publishes shards as it goes (job/plan.py); the others stand by to
    take over should it die;
-2. start the workers (one per visible GPU, or --workers on CPU) right away: they claim
+2. the workers (one per visible GPU, or --workers on CPU) are started before step 1, as
+   soon as the models are local, so that they load and compile while this process checks
+   the models and settles the plan; once it is settled they are told the run id and claim
    shards as they are published, and the command waits until the plan is complete and
    every shard is done or failed, by them or by workers elsewhere;
 3. merge, unless another process holds the merge, in which case wait for its marker.
@@ -31,20 +33,21 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from typing import Any
 
+import pynvml
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core.errors import UserError
-from core.pipeline import PUBLISHED_DNA_DIM, PUBLISHED_PROTEIN_DIM, check_models
 from job import exit_codes
 from job.config import RunConfig
 from job.errors import BadInput, Interrupted, disk_error_code, disk_error_message
-from job.inputs import resolve_inputs
+from job.inputs import InputObject, resolve_inputs
 from job.lease import ExpiryObserver, Renewer
 from job.lease import claim as take_claim
 from job.log import for_people, get_logger
 from job.merge import DEMO_WARNING, FAILED, MERGE_KEY, MergeClaim, MergeInputs, merge, read_marker
-from job.models import localize_model
+from job.models import LocalModel, checked_models, localize_model
 from job.plan import PLANNER_KEY, Plan, Planner, load_plan, plan_header
 from job.shards import charge_dead_worker, reopen_failed
 from job.spot import SpotWatcher
@@ -113,10 +116,26 @@ class _BatchRun:
             name: localize_model(getattr(self.config, name), self.config.model_cache, self.endpoint)
             for name in ("esm_model", "dnabert_model", "classifier")
         }
+        # The workers get the user's config with the models made local (downloaded from S3 and
+        # checksummed once here, so every worker loads the same bytes): nothing else differs.
+        worker_config = replace(
+            self.config,
+            esm_model=models["esm_model"].path,
+            dnabert_model=models["dnabert_model"].path,
+            classifier=models["classifier"].path,
+        )
+        with _Workers(worker_config, {name: model.identity() for name, model in models.items()}, self.log) as workers:
+            if finished is None:  # a finished run needs none, unless --retry-failed reopens shards
+                workers.start()
+            return self._settle_and_run(store, inputs, models, workers)
+
+    def _settle_and_run(
+        self, store: Store, inputs: list[InputObject], models: dict[str, LocalModel], workers: _Workers,
+    ) -> int:
+        """Check the models, settle the plan, let the workers run it, merge."""
         # Before the plan: a model that cannot work is refused before the run is tied to it.
-        chunk_length, feature_dim = check_models(
-            models["esm_model"].path, models["dnabert_model"].path, models["classifier"].path,
-            self.config.chunk_length, self.config.force_chunk_length,
+        chunk_length, feature_dim, demo_models = checked_models(
+            models, self.config.chunk_length, self.config.force_chunk_length, self.config.model_cache
         )
         if self.stop.is_set():
             raise Interrupted("stopped during start-up")
@@ -144,26 +163,16 @@ class _BatchRun:
         self.log.info(
             "run_planned", shard_reads=header.shard_reads, inputs=len(header.inputs), input_bytes=header.input_bytes
         )
-        demo_models = feature_dim != PUBLISHED_DNA_DIM + PUBLISHED_PROTEIN_DIM
         if demo_models:
             self.log.warning("demo_models", message=DEMO_WARNING)
-        # The workers get the user's config with the models made local (downloaded from S3 and
-        # checksummed once here, so every worker loads the same bytes) and the chunk length
-        # resolved from the classifier: nothing else differs.
-        worker_config = replace(
-            self.config,
-            esm_model=models["esm_model"].path,
-            dnabert_model=models["dnabert_model"].path,
-            classifier=models["classifier"].path,
-            chunk_length=chunk_length,
-        )
         planner = _PlanThread(store, header, self.endpoint, self.stop, self.owner, self.config.lease_seconds)
         planner.start()
         try:
             plan = load_plan(store, header)
             assert plan is not None
             if not (plan.complete and _all_final(store, plan)):
-                codes, killed = self._run_workers(store, plan, worker_config, planner)
+                workers.begin(header.run_id)
+                codes, killed = self._run_workers(store, plan, workers.processes, planner)
                 if self.stop.is_set():
                     raise Interrupted("stopped while the workers ran")
                 plan = self._complete_plan(store, plan, planner)
@@ -176,6 +185,8 @@ class _BatchRun:
                         raise Interrupted("a worker stopped (its one-line reason is above)")
                     self.log.error("workers_exited_early", exit_codes=codes, message="rerun the same command to resume")
                     return exit_codes.INTERNAL_ERROR
+            else:  # every shard is final already: only the merge is left
+                workers.stop()
             plan = self._complete_plan(store, plan, planner)
         finally:
             planner.finish()
@@ -205,20 +216,10 @@ class _BatchRun:
                 raise Interrupted("stopped while planning")
 
     def _run_workers(
-        self, store: Store, plan: Plan, config: RunConfig, planner: _PlanThread,
+        self, store: Store, plan: Plan, processes: list[subprocess.Popen], planner: _PlanThread,
     ) -> tuple[list[int], list[str]]:
-        """Run the workers until they all exit: their exit codes, and how those that were
+        """Watch the workers until they all exit: their exit codes, and how those that were
         killed from outside died (their shards are charged, see job/shards.py)."""
-        gpus = _visible_gpus(config)
-        count = self.config.workers or max(len(gpus), 1)
-        processes = []
-        for index in range(count):
-            env = dict(os.environ)
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-            spec = WorkerSpec(config, index, count, os.getpid())
-            processes.append(subprocess.Popen(command(spec), env=env))
-        self.log.info("workers_started", workers=count, gpus=len(gpus))
         # The report's matplotlib is loaded here while the workers run, not in the merge: there
         # its import (~0.6 CPU s, holding the GIL) slowed the threads fetching the parts by ~1 s.
         threading.Thread(target=importlib.import_module, args=("job.report",), daemon=True).start()
@@ -288,6 +289,63 @@ class _BatchRun:
             claim.observer.log_waiting(self.log, "waiting_for_merge", MERGE_KEY)
             self.stop.wait(poll)
         return marker
+
+
+class _Workers:
+    """This machine's worker processes (job/worker.py), started before the plan is settled.
+
+    Loading ESM-2 3B and compiling take a worker seconds that do not depend on the plan, so
+    they overlap this process's model checks and plan; a worker waits for `begin` to name
+    the run before it reads any plan (the output may hold another run's, about to be
+    refused). Leaving the block stops the workers still running, within the grace period.
+    """
+
+    def __init__(self, config: RunConfig, models: dict[str, dict[str, str | None]], log: Any) -> None:
+        self.config, self.models, self.log = config, models, log
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def start(self) -> None:
+        gpus = _visible_gpus(self.config)
+        count = self.config.workers or max(len(gpus), 1)
+        for index in range(count):
+            env = dict(os.environ)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+            spec = WorkerSpec(self.config, index, count, os.getpid(), self.models)
+            self.processes.append(subprocess.Popen(command(spec), env=env, stdin=subprocess.PIPE))
+        self.log.info("workers_started", workers=count, gpus=len(gpus))
+
+    def begin(self, run_id: str) -> None:
+        """Name the run to every worker (starting them first when they were not)."""
+        if not self.processes:
+            self.start()
+        for process in self.processes:
+            assert process.stdin is not None
+            try:
+                process.stdin.write(f"{run_id}\n".encode())
+                process.stdin.close()
+            except BrokenPipeError:  # it died already: the caller sees its exit code
+                pass
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM the workers still running; SIGKILL those still there after the grace period."""
+        running = [process for process in self.processes if process.poll() is None]
+        if not running:
+            return
+        _signal_all(running, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.grace_seconds + KILL_MARGIN_SECONDS
+        for process in running:
+            try:
+                process.wait(max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 class _PlanThread(threading.Thread):
@@ -372,14 +430,24 @@ def _all_final(store: Store, plan: Plan) -> bool:
 
 
 def _visible_gpus(config: RunConfig) -> list[str]:
-    """CUDA device ids to hand out to the workers, one each (round robin); empty on CPU."""
+    """CUDA device ids to hand out to the workers, one each (round robin); empty on CPU.
+
+    The driver's count comes from NVML (NVIDIA's management library, as nvidia-smi reads
+    it), not torch: importing torch takes seconds on a fresh machine, and the workers are
+    started before anything else needs it. CUDA_VISIBLE_DEVICES, when set, names the GPUs."""
     if config.device == "cpu":
         return []
-    import torch
-
-    count = torch.cuda.device_count()
-    listed = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return (listed or [str(i) for i in range(count)])[:count]
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver, or no NVIDIA GPU: the workers run on the CPU
+        return []
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()][:count]
+    return [str(i) for i in range(count)]
 
 
 def _show_bar(status: RunStatus) -> None:

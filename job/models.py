@@ -4,16 +4,20 @@ An `s3://` model (a file, or a directory prefix for DNABERT-S) is downloaded onc
 model cache and reused while its ETags stay the same. Every model's sha256 (of the file, or
 of the sorted per-file digests of a directory) is recorded in the plan; a name that is
 neither a local path nor an S3 URI (a hub id) is recorded as given; a local model's digest is
-remembered in the model cache while its files keep their sizes and times. Workers on a GPU keep
-the encoders' weights as run, and the compiler's artifacts, beside the downloads
-(`weights_cache`, `compiler_cache_dir`; the formats are core.model_cache's).
+remembered in the model cache while its files keep their sizes and times, and so is the
+answer of the models' checks (`checked_models`). Workers on a GPU keep the encoders' weights
+as run, and the compiler's artifacts, beside the downloads (`weights_cache`,
+`compiler_cache_dir`; the formats are core.model_cache's), and read the weights ahead
+(`read_ahead`).
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
 
 _BLOCK = 8 * 2**20
 RACY_SECONDS = 2  # coarser than any file system clock tick the model cache may sit on
+CHECKS_VERSION = 1  # bump when core.pipeline.check_models checks something new: earlier answers are unused
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,74 @@ def weights_cache(model_cache: str, identity: Mapping[str, object] | None) -> We
     digest = (identity or {}).get("sha256")
     # written in the background: the first start does not wait for 5.6 GB to reach the disk
     return WeightsCache(Path(model_cache).expanduser() / "converted", str(digest), in_background=True) if digest else None
+
+
+def checked_models(
+    models: Mapping[str, LocalModel], chunk_length: int | None, force_chunk_length: bool, model_cache: str,
+) -> tuple[int, int, bool]:
+    """core.pipeline.check_models' answer (the chunk length, the feature width, whether these
+    are demo-size models), remembered in the model cache under the models' sha256 and the
+    arguments, as the same bytes always get the same answer. The checks import torch and
+    build the encoders on the meta device: seconds at every start, spent while the workers
+    start up and competing with them. Models known only by name are checked every time;
+    CHECKS_VERSION and the package's version key the answer to the code that gave it."""
+    digests = [models[name].sha256 for name in ("esm_model", "dnabert_model", "classifier")]
+    memo = None
+    if all(digests):
+        key = json.dumps([digests, chunk_length, force_chunk_length, CHECKS_VERSION, _package_version()])
+        memo = Path(model_cache).expanduser() / "checked" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        try:
+            answer = json.loads(memo.read_text())
+            return int(answer["chunk_length"]), int(answer["feature_dim"]), bool(answer["demo_models"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    from core.pipeline import PUBLISHED_DNA_DIM, PUBLISHED_PROTEIN_DIM, check_models  # torch
+
+    length, width = check_models(models["esm_model"].path, models["dnabert_model"].path, models["classifier"].path,
+                                 chunk_length, force_chunk_length)
+    demo = width != PUBLISHED_DNA_DIM + PUBLISHED_PROTEIN_DIM
+    if memo is not None:
+        staging = memo.with_name(f".{memo.name}.{uuid.uuid4().hex}")
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            staging.write_text(json.dumps({"chunk_length": length, "feature_dim": width, "demo_models": demo}))
+            os.replace(staging, memo)
+        except OSError:  # a read-only model cache: checked again next time
+            staging.unlink(missing_ok=True)
+    return length, width, demo
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("virnucpro")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "source"
+
+
+def read_ahead(model_cache: str, identities: list[Mapping[str, object]]) -> threading.Thread:
+    """Read the converted weights of these models (`weights_cache`; core.model_cache names
+    each file by its source's sha256) once, in a background thread, so that they are in the
+    page cache when the worker loads them. A worker starts by importing torch and its
+    compiler, seconds of CPU work that leave the disk idle; on a fresh machine ESM-2 3B's
+    5.6 GB come off the disk meanwhile instead of during the load. A hint only: a file that
+    cannot be read is left to the load to report. Returns the started thread."""
+    directory = Path(model_cache).expanduser() / "converted"
+    digests = [str(identity.get("sha256")) for identity in identities if identity.get("sha256")]
+    files = [path for digest in digests for path in directory.glob(f"*-{digest[:32]}.safetensors")]
+    thread = threading.Thread(target=_read_through, args=(files,), daemon=True, name="read-ahead")
+    thread.start()
+    return thread
+
+
+def _read_through(files: list[Path]) -> None:
+    buffer = bytearray(_BLOCK)
+    for path in files:
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                while handle.readinto(buffer):
+                    pass
+        except OSError:
+            continue
 
 
 def compiler_cache_dir(model_cache: str) -> Path:

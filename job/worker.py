@@ -17,10 +17,18 @@ imported or a model loaded; a stop during the warm-up ends it between two batch 
 the worker exits 75 without claiming a shard. A full local disk exits 75, a read-only one
 65, in one line.
 
-Start-up, timed in the log for the cold-start benchmark: `models_loaded` (torch import, the
-two encoders loaded at once, on a GPU from their converted weights in the model cache when
-there), `warm_up_started` and `engine_ready` (compiling, after loading the compiler's saved
-artifacts), `first_batch_scored`.
+The parent starts its workers before it has settled the plan, so that they import torch,
+load the models and compile while it checks the models and writes or adopts the plan. A
+worker touches no plan until the parent names the run (one line on its stdin): the output
+may hold another run's plan that the parent is about to refuse. A worker told nothing (the
+parent stopped it, or closed its stdin) exits 75; a model it cannot load before that is
+reported only if the parent goes on (the parent's own checks report it otherwise, once).
+
+Start-up, timed in the log for the cold-start benchmark: `compiler_artifacts_loaded` (what
+earlier workers compiled, handed to torch first), `models_loaded` (torch import, the two
+encoders loaded at once, on a GPU from their converted weights in the model cache, read
+ahead while torch is imported), `warm_up_started` and `engine_ready` (compiling),
+`worker_started` (the run named), `first_batch_scored`.
 """
 from __future__ import annotations
 
@@ -35,9 +43,10 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from core.errors import without_unsafe_advice
 from job import exit_codes
@@ -45,12 +54,16 @@ from job.config import RunConfig
 from job.errors import BadInput, disk_error_code, disk_error_message, user_error_code
 from job.lease import ExpiryObserver, Renewer
 from job.log import configure, get_logger
+from job.models import compiler_cache_dir, read_ahead, weights_cache
 from job.parts import PART_SUFFIX, encode_features, encode_rows, read_sources
 from job.plan import Plan, load_plan, shard_records
 from job.shards import Part, ShardLease, claim, read_shard, shard_key
 from job.store import Store, open_store
 
 if TYPE_CHECKING:  # torch is imported by main() once the signal handlers are in place
+    import torch
+
+    from core.model_cache import WeightsCache
     from core.reads import Record
     from core.pipeline import Predictor, ReadResult
 
@@ -67,6 +80,9 @@ class WorkerSpec:
     worker: int  # index among this machine's workers
     workers: int
     parent_pid: int
+    # Each model's identity as the plan records it (job.models.LocalModel.identity): the key
+    # of its converted weights, given here since the models load before the plan is settled
+    models: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -136,12 +152,6 @@ class Worker:
 
     def run(self) -> int:
         config = self.config
-        warm_up_seconds, compiler_cache = self._warm_up()
-        if self.stop.is_set():  # before any claim: a stop during the warm-up takes no lease
-            self.log.info("worker_stopped", message="stopped during the warm-up; no shard was claimed")
-            return exit_codes.INTERRUPTED
-        self.log.info("engine_ready", **self.predictor.engine, warm_up_seconds=round(warm_up_seconds, 1),
-                      compiler_cache=compiler_cache)
         self.log.info("worker_started", device=self.device, slot=config.slot, slots=config.slots)
         final: set[int] = set()
         poll = min(self.config.lease_seconds / 4, 5.0)
@@ -176,27 +186,6 @@ class Worker:
                 self.stop.wait(poll)
         self.log.info("worker_stopped", **self._memory())
         return exit_codes.INTERRUPTED
-
-    def _warm_up(self) -> tuple[float, str]:
-        """Compile the engine for every batch shape, stopping between shapes on a stop: the
-        seconds it took, and what the compiler's artifact cache did. Artifacts saved by an
-        earlier worker with the same torch, GPU and engine are loaded first (the compiler
-        then finds its work done), and saved afterwards when this warm-up compiled more."""
-        predictor = self.predictor
-        if not predictor.compiled:
-            return predictor.warm_up(self.stop), "not compiled"
-        from core.model_cache import compiler_artifacts_path, compiler_key, load_compiler_artifacts, save_compiler_artifacts
-        from job.models import compiler_cache_dir
-        import torch
-
-        key = compiler_key(predictor.compiler_settings, torch.device(self.device))
-        path = compiler_artifacts_path(compiler_cache_dir(self.config.model_cache), key)
-        status, loaded = load_compiler_artifacts(path)
-        self.log.info("warm_up_started", compiler_cache=status, key=key)
-        seconds = predictor.warm_up(self.stop)
-        if self.stop.is_set():
-            return seconds, status
-        return seconds, f"{status}, {save_compiler_artifacts(path, loaded)}"
 
     def _memory(self) -> dict[str, float]:
         """Peak GPU memory this worker allocated, for the log (nothing on the CPU)."""
@@ -428,40 +417,31 @@ def main(argv: list[str]) -> int:
 def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int:
     config = spec.config
     store = open_store(config.output, config.s3_endpoint_url)
+    if stop.is_set():
+        return exit_codes.INTERRUPTED
+    log = get_logger(pid=os.getpid())
+    try:
+        predictor, device, caches, compiler = _load(spec, log)
+    except Exception as exc:
+        # A model the parent's checks refuse too: the parent reports it, once, and stops us
+        if user_error_code(exc) is not None and _run_named_by_parent(stop) is None:
+            return exit_codes.INTERRUPTED
+        raise
+    if stop.is_set():
+        return exit_codes.INTERRUPTED
+    warm_up_seconds, compiler_cache = _warm_up(predictor, compiler, stop, log)
+    if stop.is_set():  # before any claim: a stop during the warm-up takes no lease
+        log.info("worker_stopped", message="stopped during the warm-up; no shard was claimed")
+        return exit_codes.INTERRUPTED
+    log.info("engine_ready", **predictor.engine, warm_up_seconds=round(warm_up_seconds, 1), compiler_cache=compiler_cache)
+    run_id = _run_named_by_parent(stop)
+    if run_id is None:
+        log.info("worker_stopped", message="stopped before the parent named the run; no shard was claimed")
+        return exit_codes.INTERRUPTED
     plan = load_plan(store)
-    if plan is None:
-        get_logger().error("no_plan", output=config.output)
+    if plan is None or plan.run_id != run_id:
+        log.error("no_plan", output=config.output, run_id=run_id)
         return exit_codes.INTERNAL_ERROR
-    if stop.is_set():
-        return exit_codes.INTERRUPTED
-    began = time.perf_counter()
-    import torch
-
-    from core.pipeline import load_predictor, resolve_device
-    from job.models import weights_cache
-
-    imported = time.perf_counter()
-    if config.device == "cpu":
-        # One thread each: scores then do not depend on how many workers share the cores
-        # (CPU kernels sum in a thread-count dependent order); --workers uses more cores.
-        torch.set_num_threads(1)
-    target = resolve_device(config.device)
-    # Converted weights are kept for a GPU only: there they are float16, half the source's
-    # size and no conversion; on the CPU they would be a second float32 copy of the source.
-    caches = {name: weights_cache(config.model_cache, plan.settings.get(name)) if target.type == "cuda" else None
-              for name in ("esm_model", "dnabert_model")}
-    predictor = load_predictor(
-        config.esm_model, config.dnabert_model, config.classifier, config.chunk_length,
-        config.force_chunk_length, config.device, config.batch_tokens, config.compile, config.group_reads,
-        config.reuse, esm_cache=caches["esm_model"], dnabert_cache=caches["dnabert_model"],
-    )
-    device = str(target)
-    get_logger(run_id=plan.run_id, pid=os.getpid()).info(
-        "models_loaded", import_seconds=round(imported - began, 2), load_seconds=round(time.perf_counter() - imported, 2),
-        esm=predictor.esm.loaded_from, dnabert=predictor.dnabert.loaded_from,
-    )
-    if stop.is_set():
-        return exit_codes.INTERRUPTED
     worker = Worker(spec, store, plan, predictor, device, stop)
     started.append(worker)
     code = worker.run()
@@ -470,6 +450,105 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
 
         finish_writes()  # converted weights still being written: the next start wants them whole
     return code
+
+
+def _load(spec: WorkerSpec, log: Any) -> tuple[Predictor, str, dict[str, WeightsCache | None], CompilerCache | None]:
+    """Import torch and load the models (timed in the log): the predictor, its device, the
+    encoders' converted-weights caches and the compiler's artifacts handed to torch."""
+    config = spec.config
+    if config.device != "cpu":  # converted weights are kept for a GPU only (below)
+        read_ahead(config.model_cache, [spec.models.get(name, {}) for name in ("esm_model", "dnabert_model")])
+    began = time.perf_counter()
+    import torch
+
+    from core.pipeline import load_predictor, resolve_device
+
+    imported = time.perf_counter()
+    if config.device == "cpu":
+        # One thread each: scores then do not depend on how many workers share the cores
+        # (CPU kernels sum in a thread-count dependent order); --workers uses more cores.
+        torch.set_num_threads(1)
+    target = resolve_device(config.device)
+    compiler = CompilerCache.load(spec, target, log)
+    # Converted weights are kept for a GPU only: there they are float16, half the source's
+    # size and no conversion; on the CPU they would be a second float32 copy of the source.
+    caches = {name: weights_cache(config.model_cache, spec.models.get(name)) if target.type == "cuda" else None
+              for name in ("esm_model", "dnabert_model")}
+    predictor = load_predictor(
+        config.esm_model, config.dnabert_model, config.classifier, config.chunk_length,
+        config.force_chunk_length, config.device, config.batch_tokens, config.compile, config.group_reads,
+        config.reuse, esm_cache=caches["esm_model"], dnabert_cache=caches["dnabert_model"],
+    )
+    log.info(
+        "models_loaded", import_seconds=round(imported - began, 2), load_seconds=round(time.perf_counter() - imported, 2),
+        esm=predictor.esm.loaded_from, dnabert=predictor.dnabert.loaded_from,
+    )
+    return predictor, str(target), caches, compiler
+
+
+@dataclass(frozen=True)
+class CompilerCache:
+    """The compiler's artifacts saved by an earlier worker (core.model_cache), handed to torch
+    before anything compiles: the attention backend's check compiles already while the
+    encoders load, the warm-up after. Keyed by torch, Triton, the GPU, the models and the
+    requested token budget, all known before the models load."""
+
+    path: Path
+    status: str  # what loading them did: 'loaded', 'missing', 'refused: why'
+    loaded: set[str]
+
+    @classmethod
+    def load(cls, spec: WorkerSpec, device: torch.device, log: Any) -> CompilerCache | None:
+        """None when the engine runs eagerly: nothing to compile."""
+        from core.engine import default_compile
+        from core.model_cache import compiler_artifacts_path, compiler_key, load_compiler_artifacts
+
+        config = spec.config
+        if not (default_compile(device) if config.compile is None else config.compile):
+            return None
+        engine = {"models": {name: spec.models.get(name) for name in ("esm_model", "dnabert_model")},
+                  "batch_tokens": config.batch_tokens}
+        key = compiler_key(engine, device)
+        path = compiler_artifacts_path(compiler_cache_dir(config.model_cache), key)
+        status, loaded = load_compiler_artifacts(path)
+        log.info("compiler_artifacts_loaded", compiler_cache=status, key=key)
+        return cls(path, status, loaded)
+
+    def save(self) -> str:
+        """What saving this process's artifacts did, after the load's: e.g. 'loaded, unchanged'."""
+        from core.model_cache import save_compiler_artifacts
+
+        return f"{self.status}, {save_compiler_artifacts(self.path, self.loaded)}"
+
+
+def _warm_up(predictor: Predictor, compiler: CompilerCache | None, stop: threading.Event, log: Any) -> tuple[float, str]:
+    """Compile the engine for every batch shape, stopping between shapes on a stop: the
+    seconds it took, and what the compiler's artifact cache did (saved afterwards when this
+    warm-up compiled more than it loaded)."""
+    if compiler is None or not predictor.compiled:
+        return predictor.warm_up(stop), "not compiled"
+    log.info("warm_up_started", compiler_cache=compiler.status)
+    seconds = predictor.warm_up(stop)
+    if stop.is_set():
+        return seconds, compiler.status
+    return seconds, compiler.save()
+
+
+def _run_named_by_parent(stop: threading.Event) -> str | None:
+    """The run id the parent writes on our stdin once it has settled the plan; None when
+    stopped first, or when the parent closed stdin without naming one."""
+    told: list[str] = []
+    answered = threading.Event()
+
+    def read() -> None:
+        told.append(sys.stdin.readline().strip())
+        answered.set()
+
+    threading.Thread(target=read, daemon=True, name="parent-word").start()
+    while not answered.wait(0.1):
+        if stop.is_set():
+            return None
+    return told[0] or None
 
 
 if __name__ == "__main__":

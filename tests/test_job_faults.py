@@ -237,6 +237,53 @@ def test_workers_stop_within_the_grace_period_when_their_parent_dies(demo_models
     assert shard_states(str(out))[0].owner is None  # it gave its lease back
 
 
+def test_a_worker_claims_nothing_until_its_parent_names_the_run(demo_models: Path, tmp_path: Path) -> None:
+    """Workers load the models while the parent settles the plan (job/batch.py `_Workers`), and
+    the output may hold another run's plan that the parent is about to refuse: a worker with
+    its engine ready still touches no plan until the parent writes the run id on its stdin."""
+    from job.config import RunConfig
+    from job.inputs import resolve_inputs
+    from job.plan import plan_run
+    from job.worker import WorkerSpec, command
+
+    write_reads(tmp_path / "in.fa", 12, seed=2)
+    out = tmp_path / "out"
+    store = LocalStore(str(out))
+    settings = {"chunk_length": 500, "write_features": False, "write_viral_reads": False}
+    plan = plan_run(store, resolve_inputs((str(tmp_path / "in.fa"),), None), settings, 6, None, threading.Event())
+    config = RunConfig(
+        inputs=(str(tmp_path / "in.fa"),), output=str(out), esm_model=str(demo_models / "esm2_demo.pt"),
+        dnabert_model=str(demo_models / "dnabert_demo"), classifier=str(demo_models / "classifier_500.pth"),
+        device="cpu", group_reads=6, checkpoint_seconds=0.2, lease_seconds=3, grace_seconds=10,
+        model_cache=str(tmp_path / "model-cache"),
+    )
+
+    def written() -> dict[str, bytes]:
+        return {str(path): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+    before = written()
+
+    def started_worker() -> JobProcess:
+        worker = JobProcess(command(WorkerSpec(config, 0, 1, os.getpid())), subprocess_env(), stdin=subprocess.PIPE)
+        assert worker.wait_for("engine_ready", timeout=180) is not None, "".join(worker.stderr)
+        time.sleep(1.0)  # ready, and waiting
+        assert written() == before, "a worker touched a plan nobody named"
+        return worker
+
+    other = started_worker()
+    other.process.stdin.write("0123456789ab\n")  # another run than the output holds
+    other.process.stdin.close()
+    assert other.process.wait(timeout=60) == exit_codes.INTERNAL_ERROR
+    assert written() == before
+    assert not [e for e in other.events if e["event"] == "shard_claimed"]
+
+    named = started_worker()
+    named.process.stdin.write(f"{plan.run_id}\n")
+    named.process.stdin.close()
+    assert named.process.wait(timeout=120) == exit_codes.OK, "".join(named.stderr)
+    assert all(state.final for state in shard_states(str(out)))
+
+
 def test_a_stop_during_start_up_exits_75(demo_models: Path, tmp_path: Path) -> None:
     write_reads(tmp_path / "in.fa", 5, seed=1)
     job = subprocess.Popen(run_args(demo_models, [str(tmp_path / "in.fa")], str(tmp_path / "out")),

@@ -396,3 +396,74 @@ def test_a_shard_claimed_as_the_stop_arrives_is_given_back(tmp_path, monkeypatch
     assert predictor.group_sizes == []  # nothing scored
     state = read_shard(store, 0)[0]
     assert state.owner is None and state.reads_done == 0 and state.errors == ()
+
+
+def test_read_ahead_reads_the_converted_weights_of_these_models_only(tmp_path: Path, monkeypatch) -> None:
+    import job.models
+
+    converted = tmp_path / "cache" / "converted"
+    converted.mkdir(parents=True)
+    esm, dna, other = "a" * 64, "b" * 64, "c" * 64
+    for name in (f"esm2-float16-v1-{esm[:32]}.safetensors", f"dnabert-float16-v1-{dna[:32]}.safetensors",
+                 f"esm2-float16-v1-{other[:32]}.safetensors", f".esm2-float16-v1-{esm[:32]}.safetensors.lock"):
+        (converted / name).write_bytes(b"x" * 100)
+    read: list[Path] = []
+    real = job.models._read_through
+    monkeypatch.setattr(job.models, "_read_through", lambda files: (read.extend(files), real(files)))
+    job.models.read_ahead(str(tmp_path / "cache"), [{"sha256": esm}, {"sha256": dna}, {"name": "hub-id"}]).join(10)
+    assert sorted(p.name for p in read) == [f"dnabert-float16-v1-{dna[:32]}.safetensors",
+                                           f"esm2-float16-v1-{esm[:32]}.safetensors"]
+    job.models.read_ahead(str(tmp_path / "nowhere"), [{"sha256": esm}]).join(10)  # no cache yet: nothing to read
+
+
+@pytest.mark.parametrize(("visible", "expected"), [(None, ["0", "1"]), ("1", ["1"]), ("", []), ("GPU-9,0,1", ["GPU-9", "0"])])
+def test_the_job_counts_gpus_with_nvml_and_honours_cuda_visible_devices(monkeypatch, visible, expected) -> None:
+    import pynvml
+
+    import job.batch
+    from job.config import RunConfig
+
+    calls: list[str] = []
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: calls.append("init"))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 2)
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: calls.append("shutdown"))
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    config = RunConfig(inputs=("in.fa",), output="out", esm_model="-", dnabert_model="-", classifier="-")
+    assert job.batch._visible_gpus(config) == expected
+    assert calls == ["init", "shutdown"]
+    assert job.batch._visible_gpus(RunConfig(**{**config.__dict__, "device": "cpu"})) == []
+
+    def no_driver() -> None:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
+    assert job.batch._visible_gpus(config) == []
+
+
+def test_the_models_checks_are_remembered_by_the_models_sha256(demo_models: Path, tmp_path: Path, monkeypatch) -> None:
+    import core.pipeline
+    from job.models import LocalModel, checked_models, localize_model
+
+    cache = str(tmp_path / "cache")
+    models = {name: localize_model(str(demo_models / file), cache, None) for name, file in
+              (("esm_model", "esm2_demo.pt"), ("dnabert_model", "dnabert_demo"), ("classifier", "classifier_500.pth"))}
+    checks: list[tuple] = []
+    real = core.pipeline.check_models
+    monkeypatch.setattr(core.pipeline, "check_models", lambda *args: (checks.append(args), real(*args))[1])
+    answer = checked_models(models, None, False, cache)
+    assert answer == (500, 128, True) and len(checks) == 1
+    assert checked_models(models, None, False, cache) == answer and len(checks) == 1  # remembered
+    assert checked_models(models, 300, True, cache) == (300, 128, True) and len(checks) == 2  # other arguments
+    other = {**models, "classifier": LocalModel("c", models["classifier"].path, "f" * 64)}
+    checked_models(other, None, False, cache)
+    assert len(checks) == 3  # other bytes
+    by_name = {**models, "esm_model": LocalModel("esm2_demo", models["esm_model"].path, None)}
+    checked_models(by_name, None, False, cache)
+    checked_models(by_name, None, False, cache)
+    assert len(checks) == 5  # a model known by name only is checked every time
+    for memo in (tmp_path / "cache" / "checked").glob("*.json"):
+        memo.write_text("{not json")
+    assert checked_models(models, None, False, cache) == answer and len(checks) == 6  # a damaged memo: checked again
