@@ -22,7 +22,9 @@ Pieces (each in its own process, so that its peak RSS is its own):
   ISA-L and indexed_gzip (which also builds a restart-point index), ISA-L and zlib level-1
   deflate, index bytes per restart point (indexed_gzip is optional, not a dependency);
 - merge: the merge alone over generated parts of a finished run (local output, and a moto
-  S3 server on 127.0.0.1 with --s3): reads/s and peak RSS.
+  S3 server on 127.0.0.1 with --s3): reads/s and peak RSS. The report's matplotlib is
+  imported before the merge is timed, as the job's supervisor imports it while its workers
+  run (job/batch.py); its import time is printed apart.
 """
 from __future__ import annotations
 
@@ -214,6 +216,7 @@ def _cpu_seconds(pid: int) -> float:
 def _merge_setup(store, reads: int) -> float:  # noqa: ANN001 (Store)
     """A finished run of `reads` generated reads (20,000 a shard, parts of 2,000); seconds taken."""
     from job.inputs import InputObject
+    from job.parts import PART_SUFFIX, pack_rows
     from job.plan import DONE_KEY, PLAN_KEY, Plan, Segment, Shard
     from job.shards import Part, ShardState, shard_key
     from job.summary import RunStats
@@ -237,15 +240,14 @@ def _merge_setup(store, reads: int) -> float:  # noqa: ANN001 (Store)
             counts = RunStats([], 500)
             for line in reads_rows:
                 counts.add_row(line)
-            rows = {
-                "reads": reads_rows,
-                "counts": counts.counts_json(),
-                "predictions": [f"{i}_chunk_1F1\tothers\t0.6\t0.4\n" for i in ids[::10]],
-                "highest": sorted(f"{i}_chunk_1\t0.4\t0.6\tothers\n" for i in ids[::10]),
-                "outcomes": {"others": len(ids)},
-            }
-            key = f"_run/parts/{shard['index']:05d}/bench-{first:06d}.json"
-            store.put(key, json.dumps(rows).encode())
+            rows = pack_rows(
+                reads=reads_rows,
+                predictions=[f"{i}_chunk_1F1\tothers\t0.6\t0.4\n" for i in ids[::10]],
+                highest=sorted(f"{i}_chunk_1\t0.4\t0.6\tothers\n" for i in ids[::10]),
+                outcomes={"others": len(ids)}, counts=counts.counts_json(), viral=None,
+            )
+            key = f"_run/parts/{shard['index']:05d}/bench-{first:06d}{PART_SUFFIX}"
+            store.put(key, rows)
             parts.append(Part(key, None, len(ids), len(ids) // 10, 1.0, 0.0, "cpu"))
         state = ShardState(shard["index"], attempt=1, parts=tuple(parts), done=True)
         store.create(shard_key(shard["index"]), state.to_json())
@@ -286,6 +288,11 @@ def _merge(reads: int, work: Path, s3: bool) -> dict:
         made = time.perf_counter() - started
         store = LocalStore(str(out))
     complete = load_plan(store)
+    # As in the job, where the process that merges loaded the report's matplotlib while its
+    # workers ran (job/batch.py): imported before the merge, and its time printed apart.
+    started = time.perf_counter()
+    import job.report  # noqa: F401
+    report_import = time.perf_counter() - started
     before = _peak_rss_mib()
     server_cpu = _cpu_seconds(server.pid) if server is not None else 0.0
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -303,7 +310,7 @@ def _merge(reads: int, work: Path, s3: bool) -> dict:
         "cpu_seconds": round(cpu_seconds, 2), "reads_per_cpu_s": round(reads / cpu_seconds),
         **({"server_cpu_seconds": round(server_cpu, 2)} if server is not None else {}),
         "peak_rss_mib": round(_peak_rss_mib(), 1), "rss_before_merge_mib": round(before, 1),
-        "run_rows": job.merge.RUN_ROWS,
+        "run_rows": job.merge.RUN_ROWS, "report_import_seconds_before_merge": round(report_import, 2),
     }
 
 

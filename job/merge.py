@@ -34,7 +34,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 from isal import igzip
@@ -45,7 +45,7 @@ from job.features import FeatureWriter
 from job.lease import Claim, ExpiryObserver, Lease, Renewer
 from job.lease import claim as take_claim
 from job.log import get_logger
-from job.parts import decode_features, decode_rows, read_sources
+from job.parts import decode_features, decode_rows, lines, read_sources
 from job.plan import INPUT_COPIES, Plan, shard_records
 from job.shards import Part, ShardState, read_shard
 from job.store import Store, Writer
@@ -120,14 +120,26 @@ def merge(store: Store, plan: Plan, inputs: MergeInputs, claim: MergeClaim, stop
     assert claim.lease is not None, "merge() needs an acquired MergeClaim"
     if (finished := read_marker(store)) is not None:  # finished while we took the claim
         return finished
-    # matplotlib's import (about a second) overlaps the parts' download; the report needs it at the end
+    # The report's matplotlib: loaded already when this process ran the workers (job/batch.py);
+    # else imported while the parts download (about a second), as the report needs it at the end
     threading.Thread(target=importlib.import_module, args=("job.report",), daemon=True).start()
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
         states = list(pool.map(lambda shard: read_shard(store, shard.index)[0], plan.shards))
     assert plan.complete and all(state.final for state in states), "merge started before every shard was final"
-    with Renewer(claim.lease, log), tempfile.TemporaryDirectory(prefix="virnucpro-merge-") as tmp:
+    lister = ThreadPoolExecutor(1, thread_name_prefix="leftovers")
+    with Renewer(claim.lease, log), tempfile.TemporaryDirectory(prefix="virnucpro-merge-") as tmp, lister:
         with _Uploads(store, Path(tmp), lambda: _check_still_merging(store, claim, stop), log) as uploads:
-            summary = _assemble(store, plan, states, inputs, Path(tmp), stop, uploads)
+            summary, stats = _assemble(store, plan, states, inputs, Path(tmp), stop, uploads)
+            # What _SUCCESS lets us delete is listed (in one listing) while the report renders:
+            # the store has little else to do then, and listing 10^5 parts takes it seconds.
+            leftovers = None if summary["failed_shards"] else lister.submit(
+                lambda: [key for key in store.list("_run/") if key.startswith((PARTS_PREFIX, INPUT_COPIES))]
+            )
+            from job.report import render_report  # matplotlib: loaded by the merge only, not by `status` or the workers
+
+            parts = [part for state in states for part in state.parts]
+            (Path(tmp) / REPORT).write_text(render_report(summary, stats, parts, plan.created_at, inputs.gpu_hour_price))
+            uploads.submit(REPORT)
             summary["files"] = uploads.described()
     _check_still_merging(store, claim, stop)
     if not claim.renew():
@@ -139,8 +151,8 @@ def merge(store: Store, plan: Plan, inputs: MergeInputs, claim: MergeClaim, stop
         assert finished is not None
         return finished
     log.info("run_finished", marker=marker, reads=summary["reads"], frames=summary["frames"])
-    if marker == SUCCESS:  # after _FAILED the parts stay, for --retry-failed
-        store.delete(store.list(PARTS_PREFIX) + store.list(INPUT_COPIES))
+    if leftovers is not None:  # _SUCCESS; after _FAILED the parts stay, for --retry-failed
+        store.delete(leftovers.result())
     return marker, summary
 
 
@@ -199,7 +211,10 @@ class _Uploads:
 
 
 class _Streamed:
-    """A text output going to a store `Writer`, with the size and sha256 the marker records."""
+    """An output going to a store `Writer`, with the size and sha256 the marker records.
+
+    It is written a part's section at a time: hashlib releases the GIL for blocks over 2 KiB,
+    so the hashing overlaps the threads that fetch parts and upload the output."""
 
     def __init__(self, writer: Writer) -> None:
         self.writer = writer
@@ -207,8 +222,7 @@ class _Streamed:
         self._digest = hashlib.sha256()
         self._bytes = 0
 
-    def write(self, text: str) -> None:
-        data = text.encode()
+    def write(self, data: bytes) -> None:
         self._digest.update(data)
         self._bytes += len(data)
         self.writer.write(data)
@@ -230,9 +244,9 @@ def _check_still_merging(store: Store, claim: MergeClaim, stop: threading.Event)
 def _assemble(
     store: Store, plan: Plan, states: list[ShardState], inputs: MergeInputs, tmp: Path, stop: threading.Event,
     uploads: _Uploads,
-) -> dict:
-    """Write every output (two streamed through `uploads`, the rest under `tmp`), handing each
-    to `uploads` once complete; returns the marker's summary."""
+) -> tuple[dict, RunStats]:
+    """Write every output but the report (two streamed through `uploads`, the rest under `tmp`),
+    handing each to `uploads` once complete; returns the marker's summary and the run's counts."""
     outcomes: Counter[str] = Counter()
     frames = 0
     features = _BlockedFeatures(str(tmp / FEATURES), inputs.feature_dim) if inputs.write_features else None
@@ -243,22 +257,22 @@ def _assemble(
     predictions, reads = uploads.stream(PREDICTIONS), uploads.stream(READS)
     with ExitStack() as files:
         viral = files.enter_context(_viral_writer(tmp / VIRAL_READS)) if plan.settings.get("write_viral_reads") else None
-        predictions.write(PREDICTION_HEADER)
-        reads.write(READS_HEADER)
+        predictions.write(PREDICTION_HEADER.encode())
+        reads.write(READS_HEADER.encode())
         for shard, state in zip(plan.shards, states):
-            for _part in state.parts:
+            for part in state.parts:
                 if stop.is_set():
                     raise Interrupted("stopped while merging")
                 rows_data, features_data = next(fetched)
-                rows = decode_rows(rows_data)
-                predictions.write("".join(rows.predictions))
-                reads.write("".join(rows.reads))
+                rows = decode_rows(rows_data, part.rows)
+                predictions.write(rows.predictions)
+                reads.write(rows.reads)
                 stats.add_counts(rows.counts)
                 if viral is not None:
                     viral.writelines(viral_fasta(rows.viral or ()))
-                highest.add(rows.highest)
+                highest.add(lines(rows.highest))
                 outcomes.update(rows.outcomes)
-                frames += len(rows.predictions)
+                frames += rows.frames
                 if features is not None and features_data is not None:
                     features.add(rows.frame_ids, decode_features(features_data))
             if state.failed:  # its reads that were never scored are still listed, with the reason
@@ -266,7 +280,7 @@ def _assemble(
                 sources = read_sources(plan, shard, state.reads_done, shard.reads - state.reads_done)
                 for record, source in zip(unscored, sources):
                     line = reads_line(ReadSummary(record.id, len(record.sequence), 0, 0, None, "none", SHARD_FAILED), 0, source)
-                    reads.write(line)
+                    reads.write(line.encode())
                     stats.add_row(line)
                     outcomes[SHARD_FAILED] += 1
     uploads.submit(PREDICTIONS, predictions)
@@ -276,8 +290,8 @@ def _assemble(
     if features is not None:
         features.close()
         uploads.submit(FEATURES)
-    with open(tmp / HIGHEST, "w") as out:
-        out.write(HIGHEST_HEADER)
+    with open(tmp / HIGHEST, "wb") as out:
+        out.write(HIGHEST_HEADER.encode())
         chunks = highest.write_merged(out)
     uploads.submit(HIGHEST)
     summary = {
@@ -311,11 +325,7 @@ def _assemble(
         get_logger(run_id=plan.run_id).warning("short_reads", message=short)
     (tmp / SUMMARY).write_text(stats.tsv())
     uploads.submit(SUMMARY)
-    from job.report import render_report  # matplotlib: loaded by the merge only, not by `status` or the workers
-
-    (tmp / REPORT).write_text(render_report(summary, stats, parts, plan.created_at, inputs.gpu_hour_price))
-    uploads.submit(REPORT)
-    return summary
+    return summary, stats
 
 
 @contextmanager
@@ -343,8 +353,9 @@ def _prefetch(store: Store, parts: list[Part], with_features: bool) -> Iterator[
             yield pending.popleft().result()
 
 
-def _chunk_id(line: str) -> str:
-    return line.split("\t", 1)[0]
+def _chunk_id(line: bytes) -> bytes:
+    """The sort key; UTF-8 bytes sort as their code points do, so the order is that of the text."""
+    return line.split(b"\t", 1)[0]
 
 
 class _SortedRuns:
@@ -360,21 +371,21 @@ class _SortedRuns:
         self.directory = directory
         directory.mkdir()
         self.runs: list[Path] = []
-        self._rows: list[str] = []
+        self._rows: list[bytes] = []
 
-    def add(self, rows: list[str]) -> None:
+    def add(self, rows: list[bytes]) -> None:
         self._rows.extend(rows)
         if len(self._rows) >= RUN_ROWS:
             self._spill()
 
     def _spill(self) -> None:
         path = self.directory / f"{len(self.runs):06d}.txt"
-        with open(path, "w") as out:
+        with open(path, "wb") as out:
             out.writelines(sorted(self._rows, key=_chunk_id))
         self.runs.append(path)
         self._rows = []
 
-    def write_merged(self, out: TextIO) -> int:
+    def write_merged(self, out: BinaryIO) -> int:
         """Write every row in chunk-id order; returns the number of rows."""
         if self._rows or not self.runs:
             self._spill()
@@ -384,7 +395,7 @@ class _SortedRuns:
             merged = []
             for start in range(0, len(runs), MAX_OPEN_RUNS):
                 path = self.directory / f"l{level}-{start:06d}.txt"
-                with open(path, "w") as target:
+                with open(path, "wb") as target:
                     _merge_files(runs[start:start + MAX_OPEN_RUNS], target)
                 for run in runs[start:start + MAX_OPEN_RUNS]:
                     run.unlink()
@@ -393,9 +404,9 @@ class _SortedRuns:
         return _merge_files(runs, out)
 
 
-def _merge_files(paths: list[Path], out: TextIO) -> int:
+def _merge_files(paths: list[Path], out: BinaryIO) -> int:
     with ExitStack() as stack:
-        files = [stack.enter_context(open(path, buffering=2**20)) for path in paths]
+        files = [stack.enter_context(open(path, "rb", buffering=2**20)) for path in paths]
         rows = 0
         for line in heapq.merge(*files, key=_chunk_id):
             out.write(line)

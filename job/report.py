@@ -23,7 +23,7 @@ from job.summary import CALLS, LENGTH_EDGES, SCORE_BINS, InputStats, RunStats
 COLOURS = {"virus": "#c0392b", "others": "#2e86c1", "none": "#a6acaf"}
 MAX_FILES_PLOTTED = 30
 TIME_BINS = 40
-_OWNER = re.compile(r"/([^/]+)-a\d+-\d+\.json$")  # part key: _run/parts/<shard>/<owner>-a<attempt>-<n>.json
+_OWNER = re.compile(r"/([^/]+)-a\d+-\d+\.(?:part|json)$")  # part key: _run/parts/<shard>/<owner>-a<attempt>-<n>.part (.json: format 1)
 
 
 def render_report(

@@ -1,7 +1,7 @@
 """S3 clients configured once: endpoint, retries with backoff, no caches shared across writers.
 
-boto3 does the conditional writes (If-None-Match / If-Match); s3fs streams reads, lists
-prefixes and uploads large files in parts. Both use the normal credential chain and honour
+boto3 does the store's work (conditional writes, gets, lists, multipart uploads); s3fs
+streams the inputs and models. Both use the normal credential chain and honour
 AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL themselves; an explicit endpoint (--s3-endpoint-url)
 overrides them.
 """

@@ -33,7 +33,7 @@ def shard_key(index: int) -> str:
 class Part:
     """A committed slice of a shard's results: the next `reads` reads after the previous parts."""
 
-    rows: str  # key of the part's rows (JSON)
+    rows: str  # key of the part's rows (job/parts.py)
     features: str | None  # key of its feature matrix (.npy), with --write-features
     reads: int
     frames: int

@@ -55,7 +55,7 @@ from job.errors import BadInput, disk_error_code, disk_error_message, user_error
 from job.lease import ExpiryObserver, Renewer
 from job.log import configure, get_logger
 from job.models import compiler_cache_dir, read_ahead, weights_cache
-from job.parts import encode_features, encode_rows, read_sources
+from job.parts import PART_SUFFIX, encode_features, encode_rows, read_sources
 from job.plan import Plan, load_plan, shard_records
 from job.shards import Part, ShardLease, claim, read_shard, shard_key
 from job.store import Store, open_store
@@ -323,14 +323,14 @@ class Worker:
         # the commit is refused: a worker that lost its shard leaves no part behind.
         if not lease.renew(max(lease.state.processed, lease.state.reads_done + len(results))):
             return False
-        keys = [f"{stem}.json"]
+        keys = [f"{stem}{PART_SUFFIX}"]
         self.store.put(keys[0], rows)
         features = None
         if self.config.write_features:
             features = f"{stem}.npy"
             keys.append(features)
             self.store.put(features, encode_features(results))
-        part = Part(f"{stem}.json", features, len(results), frames, round(seconds, 3), time.time(), self.device)
+        part = Part(keys[0], features, len(results), frames, round(seconds, 3), time.time(), self.device)
         if not lease.commit(part, shard_reads):
             self.store.delete(keys)
             return False

@@ -55,7 +55,7 @@ def shard_states(output: str) -> list:
 def no_temporary_files(output: Path) -> None:
     leftovers = [str(p) for p in output.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
-    assert not list(output.glob("_run/parts/**/*.json")), "parts left behind after _SUCCESS"
+    assert not list(output.glob("_run/parts/**/*.*")), "parts left behind after _SUCCESS"
 
 
 # --- item 5, 9, 11: models refused before the plan, in one line --------------------------------

@@ -3,20 +3,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from core.reads import Record
 from core.outputs import FrameScore, ReadSummary
 from core.pipeline import ReadResult
 from job.config import RunConfig
+from job.errors import BadInput
 from job.inputs import resolve_inputs
 from job.merge import FAILED, SUCCESS, MergeClaim, MergeInputs, merge, read_marker
+from job.parts import decode_rows, lines
 from job.plan import plan_run
 from job.shards import read_shard
 from job.store import LocalStore
@@ -122,6 +127,37 @@ def test_parts_at_group_boundaries_and_merge(tmp_path: Path) -> None:
     assert highest[1:] == sorted(highest[1:])
     assert json.loads((out / "_SUCCESS").read_text())["files"]["features.h5"]["bytes"] > 0
     assert store.list("_run/parts/") == []  # cleaned up after the marker
+
+
+def test_parts_of_the_previous_release_merge_to_the_same_bytes(tmp_path: Path) -> None:
+    """A run resumed or retried by this version may hold parts in format 1 (one JSON object of
+    lists of lines) beside its own: the outputs are byte-identical either way."""
+    run, store = make_run(tmp_path, 25, shard_reads=10, group_reads=3, checkpoint_seconds=0.0, write_features=True)
+    assert work(run, store, FakePredictor(3)) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(run.output, copy)
+    old = LocalStore(str(copy))
+    committed = [part.rows for index in range(3) for part in read_shard(old, index)[0].parts]
+    for key in committed[::2]:  # every other part rewritten as the previous release wrote it
+        rows = decode_rows(old.get(key).data, key)
+        body = {name: [line.decode() for line in lines(getattr(rows, name))] for name in ("reads", "predictions", "highest")}
+        old.put(key, json.dumps({**body, "outcomes": rows.outcomes, "viral": rows.viral, "counts": rows.counts}).encode())
+    assert all(old.get(key).data.startswith(b"{") for key in committed[::2]) and len(committed) > 2
+    assert finish(replace(run, output=str(copy)), old)[0] == finish(run, store)[0] == SUCCESS
+    for name in ("reads.tsv", "prediction_results.txt", "prediction_results_highestscore.csv", "summary.tsv", "features.h5"):
+        assert (copy / name).read_bytes() == (Path(run.output) / name).read_bytes(), name
+    assert old.list("_run/parts/") == []
+
+
+def test_a_part_in_an_unknown_format_stops_the_merge_naming_it_and_nothing_appears(tmp_path: Path) -> None:
+    run, store = make_run(tmp_path, 12, shard_reads=10, group_reads=3, checkpoint_seconds=0.0)
+    assert work(run, store, FakePredictor(3)) == 0
+    key = read_shard(store, 1)[0].parts[0].rows
+    store.put(key, b"virnucpro-part 3\n{}\n")  # as a later release might write it
+    with pytest.raises(BadInput, match=f"part {key} is not in a part format"):
+        finish(run, store)
+    assert read_marker(store) is None
+    assert sorted(p.name for p in Path(run.output).iterdir()) == ["_run"]  # no output, whole or partial
 
 
 def test_a_shard_that_keeps_failing_is_reported(tmp_path: Path) -> None:
