@@ -89,14 +89,20 @@ def remembered_sha256(path: Path, memo_dir: Path) -> str:
     digest = sha256_path(path)
     if _stats(path) != stats or max((s[2] for s in stats), default=0) > started - RACY_SECONDS * 10**9:
         return digest  # changed while hashed, or too recently to tell a rewrite apart
+    _remember(memo, {"path": str(path), "files": stats, "sha256": digest})  # else hashed again next time
+    return digest
+
+
+def _remember(memo: Path, body: dict) -> None:
+    """Write a memo of the model cache whole or not at all (a temporary file renamed); a
+    read-only model cache is no error, the memo is only missing next time."""
     staging = memo.with_name(f".{memo.name}.{uuid.uuid4().hex}")
     try:
-        memo_dir.mkdir(parents=True, exist_ok=True)
-        staging.write_text(json.dumps({"path": str(path), "files": stats, "sha256": digest}))
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        staging.write_text(json.dumps(body))
         os.replace(staging, memo)
-    except OSError:  # a read-only model cache: hashed again next time
+    except OSError:
         staging.unlink(missing_ok=True)
-    return digest
 
 
 def _stats(path: Path) -> list[list]:
@@ -193,14 +199,8 @@ def checked_models(
     length, width = check_models(models["esm_model"].path, models["dnabert_model"].path, models["classifier"].path,
                                  chunk_length, force_chunk_length)
     demo = width != PUBLISHED_DNA_DIM + PUBLISHED_PROTEIN_DIM
-    if memo is not None:
-        staging = memo.with_name(f".{memo.name}.{uuid.uuid4().hex}")
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            staging.write_text(json.dumps({"chunk_length": length, "feature_dim": width, "demo_models": demo}))
-            os.replace(staging, memo)
-        except OSError:  # a read-only model cache: checked again next time
-            staging.unlink(missing_ok=True)
+    if memo is not None:  # else checked again next time
+        _remember(memo, {"chunk_length": length, "feature_dim": width, "demo_models": demo})
     return length, width, demo
 
 
