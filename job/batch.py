@@ -172,7 +172,7 @@ class _BatchRun:
             assert plan is not None
             if not (plan.complete and _all_final(store, plan)):
                 workers.begin(header.run_id)
-                codes, killed = self._run_workers(store, plan, workers.processes, planner)
+                codes, killed = self._run_workers(store, plan, workers, planner)
                 if self.stop.is_set():
                     raise Interrupted("stopped while the workers ran")
                 plan = self._complete_plan(store, plan, planner)
@@ -216,36 +216,33 @@ class _BatchRun:
                 raise Interrupted("stopped while planning")
 
     def _run_workers(
-        self, store: Store, plan: Plan, processes: list[subprocess.Popen], planner: _PlanThread,
+        self, store: Store, plan: Plan, workers: _Workers, planner: _PlanThread,
     ) -> tuple[list[int], list[str]]:
         """Watch the workers until they all exit: their exit codes, and how those that were
         killed from outside died (their shards are charged, see job/shards.py)."""
         # The report's matplotlib is loaded here while the workers run, not in the merge: there
         # its import (~0.6 CPU s, holding the GIL) slowed the threads fetching the parts by ~1 s.
         threading.Thread(target=importlib.import_module, args=("job.report",), daemon=True).start()
-        deadline = None
+        processes = workers.processes
         bar = for_people(self.config.log_format)  # a progress bar instead of JSON progress lines
         last_progress = time.monotonic()
         killed: list[str] = []
         charged: set[int] = set()
         while True:
             for process in processes:
-                if process.poll() is not None and process.returncode < 0 and deadline is None and process.pid not in charged:
+                if process.poll() is not None and process.returncode < 0 and not workers.stopping and process.pid not in charged:
                     charged.add(process.pid)
                     killed.append(self._charge(store, plan, process))
             if all(process.poll() is not None for process in processes):
                 break
-            if self.stop.is_set() and deadline is None:
-                deadline = time.monotonic() + self.config.grace_seconds + KILL_MARGIN_SECONDS
+            if self.stop.is_set() and not workers.stopping:
                 self.log.warning("stopping_workers", grace_seconds=self.config.grace_seconds)
-                _signal_all(processes, signal.SIGTERM)
+                workers.terminate()
             bad_input = any(process.returncode == exit_codes.BAD_INPUT for process in processes)
-            if deadline is None and (bad_input or planner.exception is not None):
-                deadline = time.monotonic() + self.config.grace_seconds + KILL_MARGIN_SECONDS
-                _signal_all(processes, signal.SIGTERM)  # bad input, or the planner here failed: the run stops
-            if deadline is not None and time.monotonic() > deadline:
+            if bad_input or planner.exception is not None:
+                workers.terminate()  # bad input, or the planner here failed: the run stops
+            if workers.kill_late():
                 self.log.error("killing_workers", message="workers did not stop within the grace period")
-                _signal_all(processes, signal.SIGKILL)
             if time.monotonic() - last_progress >= (BAR_SECONDS if bar else PROGRESS_SECONDS):
                 last_progress = time.monotonic()
                 status = run_status(store)
@@ -303,6 +300,8 @@ class _Workers:
     def __init__(self, config: RunConfig, models: dict[str, dict[str, str | None]], log: Any) -> None:
         self.config, self.models, self.log = config, models, log
         self.processes: list[subprocess.Popen] = []
+        self._kill_after: float | None = None  # set by terminate(): when stragglers get SIGKILL
+        self._killed = False
 
     def __enter__(self) -> _Workers:
         return self
@@ -333,19 +332,33 @@ class _Workers:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def stopping(self) -> bool:
+        """Whether terminate() was called (a worker that dies of a signal after that was not
+        killed from outside)."""
+        return self._kill_after is not None
+
+    def terminate(self) -> None:
+        """SIGTERM the workers still running, once: they have the grace period, and a margin,
+        to commit, release their shards and exit before kill_late() kills them."""
+        if self._kill_after is None:
+            self._kill_after = time.monotonic() + self.config.grace_seconds + KILL_MARGIN_SECONDS
+            _signal_all(self.processes, signal.SIGTERM)
+
+    def kill_late(self) -> bool:
+        """SIGKILL the workers still running past terminate()'s deadline; True the one time it does."""
+        if self._killed or self._kill_after is None or time.monotonic() < self._kill_after:
+            return False
+        self._killed = True
+        _signal_all(self.processes, signal.SIGKILL)
+        return True
+
     def stop(self) -> None:
-        """SIGTERM the workers still running; SIGKILL those still there after the grace period."""
-        running = [process for process in self.processes if process.poll() is None]
-        if not running:
-            return
-        _signal_all(running, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.grace_seconds + KILL_MARGIN_SECONDS
-        for process in running:
-            try:
-                process.wait(max(deadline - time.monotonic(), 0))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        """Terminate the workers still running and wait until they have exited, killed the late."""
+        self.terminate()
+        while any(process.poll() is None for process in self.processes):
+            self.kill_late()
+            time.sleep(0.1)
 
 
 class _PlanThread(threading.Thread):
