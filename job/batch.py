@@ -334,8 +334,8 @@ class _Workers:
 
     @property
     def stopping(self) -> bool:
-        """Whether terminate() was called (a worker that dies of a signal after that was not
-        killed from outside)."""
+        """Whether terminate() was called: from then on a worker that dies of a signal was
+        stopped by us, not killed from outside."""
         return self._kill_after is not None
 
     def terminate(self) -> None:
@@ -354,7 +354,7 @@ class _Workers:
         return True
 
     def stop(self) -> None:
-        """Terminate the workers still running and wait until they have exited, killed the late."""
+        """Terminate the workers still running and wait for them to exit (SIGKILL past the deadline)."""
         self.terminate()
         while any(process.poll() is None for process in self.processes):
             self.kill_late()
