@@ -172,7 +172,7 @@ def weights_cache(model_cache: str, identity: Mapping[str, object] | None) -> We
 
     digest = (identity or {}).get("sha256")
     # written in the background: the first start does not wait for 5.6 GB to reach the disk
-    return WeightsCache(Path(model_cache).expanduser() / "converted", str(digest), in_background=True) if digest else None
+    return WeightsCache(_converted_dir(model_cache), str(digest), in_background=True) if digest else None
 
 
 def checked_models(
@@ -217,8 +217,9 @@ def read_ahead(model_cache: str, identities: list[Mapping[str, object]]) -> thre
     page cache when the worker loads them. A worker starts by importing torch and its
     compiler, seconds of CPU work that leave the disk idle; on a fresh machine ESM-2 3B's
     5.6 GB come off the disk meanwhile instead of during the load. A hint only: a file that
-    cannot be read is left to the load to report. Returns the started thread."""
-    directory = Path(model_cache).expanduser() / "converted"
+    cannot be read is left to the load to report. Returns the started thread. The files are
+    found by the end of `WeightsCache.path`'s name, as that module imports torch."""
+    directory = _converted_dir(model_cache)
     digests = [str(identity.get("sha256")) for identity in identities if identity.get("sha256")]
     files = [path for digest in digests for path in directory.glob(f"*-{digest[:32]}.safetensors")]
     thread = threading.Thread(target=_read_through, args=(files,), daemon=True, name="read-ahead")
@@ -235,6 +236,11 @@ def _read_through(files: list[Path]) -> None:
                     pass
         except OSError:
             continue
+
+
+def _converted_dir(model_cache: str) -> Path:
+    """Where the encoders' converted weights are kept (core.model_cache `WeightsCache`)."""
+    return Path(model_cache).expanduser() / "converted"
 
 
 def compiler_cache_dir(model_cache: str) -> Path:

@@ -23,7 +23,6 @@ from core.model_cache import (
     compiler_key,
     load_compiler_artifacts,
     read_weights,
-    save_compiler_artifacts,
     write_weights,
 )
 from job.models import sha256_path
@@ -400,19 +399,22 @@ def test_a_shard_claimed_as_the_stop_arrives_is_given_back(tmp_path, monkeypatch
 
 def test_read_ahead_reads_the_converted_weights_of_these_models_only(tmp_path: Path, monkeypatch) -> None:
     import job.models
+    from core import dnabert, esm2
 
     converted = tmp_path / "cache" / "converted"
     converted.mkdir(parents=True)
     esm, dna, other = "a" * 64, "b" * 64, "c" * 64
-    for name in (f"esm2-float16-v1-{esm[:32]}.safetensors", f"dnabert-float16-v1-{dna[:32]}.safetensors",
-                 f"esm2-float16-v1-{other[:32]}.safetensors", f".esm2-float16-v1-{esm[:32]}.safetensors.lock"):
-        (converted / name).write_bytes(b"x" * 100)
+    # named as the encoders name them: read_ahead must find what WeightsCache writes
+    wanted = [WeightsCache(converted, dna).path(dnabert.CACHE_NAME, torch.float16),
+              WeightsCache(converted, esm).path(esm2.CACHE_NAME, torch.float16)]
+    unwanted = [WeightsCache(converted, other).path(esm2.CACHE_NAME, torch.float16)]
+    for path in [*wanted, *unwanted, converted / f".{wanted[1].name}.lock"]:
+        path.write_bytes(b"x" * 100)
     read: list[Path] = []
     real = job.models._read_through
     monkeypatch.setattr(job.models, "_read_through", lambda files: (read.extend(files), real(files)))
     job.models.read_ahead(str(tmp_path / "cache"), [{"sha256": esm}, {"sha256": dna}, {"name": "hub-id"}]).join(10)
-    assert sorted(p.name for p in read) == [f"dnabert-float16-v1-{dna[:32]}.safetensors",
-                                           f"esm2-float16-v1-{esm[:32]}.safetensors"]
+    assert sorted(p.name for p in read) == sorted(p.name for p in wanted)
     job.models.read_ahead(str(tmp_path / "nowhere"), [{"sha256": esm}]).join(10)  # no cache yet: nothing to read
 
 
