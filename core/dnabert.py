@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from core import attention as attention_module
 from core.attention import Attention as AttentionBackend
 from core.attention import Segments
-from core.engine import Compiled, compile_state, default_compile, describe, finished, run_batches
+from core.engine import Compiled, compile_state, compiles, describe, finished, run_batches
 from core.errors import ModelLoadError
 from core.model_cache import WeightsCache
 from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepare_batches, segment_mean
@@ -392,7 +392,7 @@ class DNABERTEncoder:
         self.attention = attention_module.select(True, device, self.dtype, attention, heads,
                                                  model.config.hidden_size // heads)
         self.fallback = attention_module.make("sdpa_padded", alibi=True)
-        self.compile = default_compile(device) if compile is None else compile
+        self.compile = compiles(compile, device)
         if batch_tokens is None:
             batch_tokens = auto_batch_tokens(device, DNA_BYTES_PER_TOKEN_PER_DIM * model.config.hidden_size,
                                              DNA_MAX_BATCH_TOKENS, cpu_default=CPU_BATCH_TOKENS)

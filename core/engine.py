@@ -75,9 +75,10 @@ def compile_state(compile: bool, parts: tuple[Compiled, ...]) -> str:
     return f"eager ({errors[0]})" if errors else "compiled"
 
 
-def default_compile(device: torch.device) -> bool:
-    """torch.compile the per-layer pieces on CUDA; the CPU runs them eagerly."""
-    return device.type == "cuda"
+def compiles(requested: bool | None, device: torch.device) -> bool:
+    """Whether the per-layer pieces run torch.compile'd: as requested, and by default
+    (None) on CUDA; the CPU runs them eagerly."""
+    return device.type == "cuda" if requested is None else requested
 
 
 def describe(dtype: torch.dtype, attention_name: str, state: str) -> str:

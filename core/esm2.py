@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from core import attention as attention_module
 from core.attention import Attention, Segments
-from core.engine import Compiled, compile_state, default_compile, describe, finished, run_batches
+from core.engine import Compiled, compile_state, compiles, describe, finished, run_batches
 from core.errors import ModelLoadError
 from core.model_cache import WeightsCache
 from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepare_batches, segment_mean
@@ -261,7 +261,7 @@ class ESM2Encoder:
         self.dtype = model.embed_tokens.weight.dtype
         first = model.layers[0].self_attn
         self.attention = attention_module.select(False, device, self.dtype, attention, first.heads, first.head_dim)
-        self.compile = default_compile(device) if compile is None else compile
+        self.compile = compiles(compile, device)
         if batch_tokens is None:
             batch_tokens = auto_batch_tokens(device, ESM_BYTES_PER_TOKEN_PER_DIM * model.embed_dim,
                                              ESM_MAX_BATCH_TOKENS, cpu_default=DEFAULT_BATCH_TOKENS)

@@ -500,11 +500,11 @@ class CompilerCache:
     @classmethod
     def load(cls, spec: WorkerSpec, device: torch.device, log: Any) -> CompilerCache | None:
         """None when the engine runs eagerly: nothing to compile."""
-        from core.engine import default_compile
+        from core.engine import compiles
         from core.model_cache import compiler_artifacts_path, compiler_key, load_compiler_artifacts
 
         config = spec.config
-        if not (default_compile(device) if config.compile is None else config.compile):
+        if not compiles(config.compile, device):
             return None
         engine = {"models": {name: spec.models.get(name) for name in ("esm_model", "dnabert_model")},
                   "batch_tokens": config.batch_tokens}
