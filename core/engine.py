@@ -19,13 +19,23 @@ from core.packing import PackedBatch, PreparedBatches
 
 log = logging.getLogger(__name__)
 
-COMPILER_ERRORS: tuple[type[BaseException], ...] = (torch._dynamo.exc.TorchDynamoException,)
-try:  # inductor's own error (most arrive wrapped in dynamo's BackendCompilerFailed)
-    from torch._inductor.exc import InductorError
 
-    COMPILER_ERRORS += (InductorError,)
-except ImportError:  # older torch
-    pass
+def compiler_errors() -> tuple[type[BaseException], ...]:
+    """dynamo's and inductor's errors (most of inductor's arrive wrapped in dynamo's
+    BackendCompilerFailed). Looked up when first needed, not at import: importing the
+    compiler takes seconds that a worker spends while its weights load (job/worker.py)."""
+    import torch._dynamo
+
+    errors: tuple[type[BaseException], ...] = (torch._dynamo.exc.TorchDynamoException,)
+    try:
+        from torch._inductor.exc import InductorError
+
+        errors += (InductorError,)
+    except ImportError:  # older torch
+        pass
+    return errors
+
+
 # Errors of the running program: never a reason to fall back, even when the compiler
 # wraps them (an out-of-memory error while autotuning a kernel, say).
 RUNTIME_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,)
@@ -57,7 +67,9 @@ class Compiled:
             for index, dim in self.dynamic_args:
                 torch._dynamo.mark_dynamic(args[index], dim)
             return self.compiled(*args)
-        except COMPILER_ERRORS as error:
+        except Exception as error:
+            if not isinstance(error, compiler_errors()):
+                raise
             cause = getattr(error, "inner_exception", None) or error.__cause__
             if isinstance(cause, RUNTIME_ERRORS):
                 raise

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -356,6 +356,7 @@ def load_predictor(
     reuse: bool = True,
     esm_cache: WeightsCache | None = None,
     dnabert_cache: WeightsCache | None = None,
+    before_compiling: Callable[[], object] | None = None,
 ) -> Predictor:
     """Load the three models from local paths (or names the libraries can resolve).
 
@@ -364,13 +365,22 @@ def load_predictor(
     `group_reads` reads are scored together; reuse=False embeds repeated sequences again
     (see `Predictor`). The two encoders load at the same time, one thread each (reading
     files and copying to the device release the GIL), each from its converted-weights cache
-    when one is given and holds it."""
+    when one is given and holds it. `before_compiling` runs in DNABERT-S's thread before
+    anything compiles (its attention check compiles FlexAttention), while ESM-2's weights
+    load in the other: the worker hands torch the compiler's saved artifacts there, so that
+    importing the compiler (seconds of Python) overlaps the weights' copy."""
     target = resolve_device(device)
     scorer = load_classifier(classifier, target)
     length = check_chunk_length(scorer, chunk_length, force_chunk_length)
+
+    def dnabert_after_compiler() -> DNABERTEncoder:
+        if before_compiling is not None:
+            before_compiling()
+        return load_dnabert(dnabert_model, target, batch_tokens, compile=compile, cache=dnabert_cache)
+
     with ThreadPoolExecutor(2, thread_name_prefix="load") as pool:
-        dnabert = pool.submit(load_dnabert, dnabert_model, target, batch_tokens, compile=compile, cache=dnabert_cache)
         esm = pool.submit(load_esm2, esm_model, target, batch_tokens, compile=compile, cache=esm_cache)
+        dnabert = pool.submit(dnabert_after_compiler)
         return Predictor(dnabert.result(), esm.result(), scorer, length, group_reads, reuse=reuse)
 
 

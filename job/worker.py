@@ -25,7 +25,8 @@ parent stopped it, or closed its stdin) exits 75; a model it cannot load before 
 reported only if the parent goes on (the parent's own checks report it otherwise, once).
 
 Start-up, timed in the log for the cold-start benchmark: `compiler_artifacts_loaded` (what
-earlier workers compiled, handed to torch first), `models_loaded` (torch import, the two
+earlier workers compiled, handed to torch in DNABERT-S's loading thread before anything
+compiles, while ESM-2's weights load in the other), `models_loaded` (torch import, the two
 encoders loaded at once, on a GPU from their converted weights in the model cache, read
 ahead while torch is imported), `warm_up_started` and `engine_ready` (compiling),
 `worker_started` (the run named), `first_batch_scored`.
@@ -469,21 +470,22 @@ def _load(spec: WorkerSpec, log: Any) -> tuple[Predictor, str, dict[str, Weights
         # (CPU kernels sum in a thread-count dependent order); --workers uses more cores.
         torch.set_num_threads(1)
     target = resolve_device(config.device)
-    compiler = CompilerCache.load(spec, target, log)
     # Converted weights are kept for a GPU only: there they are float16, half the source's
     # size and no conversion; on the CPU they would be a second float32 copy of the source.
     caches = {name: weights_cache(config.model_cache, spec.models.get(name)) if target.type == "cuda" else None
               for name in ("esm_model", "dnabert_model")}
+    compiler: list[CompilerCache | None] = []  # loaded while ESM-2's weights load (core.pipeline)
     predictor = load_predictor(
         config.esm_model, config.dnabert_model, config.classifier, config.chunk_length,
         config.force_chunk_length, config.device, config.batch_tokens, config.compile, config.group_reads,
         config.reuse, esm_cache=caches["esm_model"], dnabert_cache=caches["dnabert_model"],
+        before_compiling=lambda: compiler.append(CompilerCache.load(spec, target, log)),
     )
     log.info(
         "models_loaded", import_seconds=round(imported - began, 2), load_seconds=round(time.perf_counter() - imported, 2),
         esm=predictor.esm.loaded_from, dnabert=predictor.dnabert.loaded_from,
     )
-    return predictor, str(target), caches, compiler
+    return predictor, str(target), caches, compiler[0]
 
 
 @dataclass(frozen=True)
