@@ -380,6 +380,7 @@ class DNABERTEncoder:
     """
 
     loaded_from = "given"  # load_dnabert sets it: "cache", "source", "source (cached now)" or "source (caching)", for the log
+    warm = False  # warm_up ran to the end: every batch shape is compiled
 
     def __init__(self, model: DNABERTModel, tokenizer: DNATokenizer, device: torch.device,
                  batch_tokens: int | None, *, attention: str | None = None,
@@ -437,9 +438,9 @@ class DNABERTEncoder:
     def warm_up(self, stop: threading.Event | None = None) -> None:
         """Compile now for every padded size a batch can have (FlexAttention is compiled once
         per token bucket, the rest of the layer once for all sizes), so that no batch waits
-        on the compiler in the middle of a run. Nothing to do when running eagerly. Returns
-        early, between sizes, once `stop` is set."""
-        if not self.compile:
+        on the compiler in the middle of a run. Nothing to do when running eagerly or once
+        done. Returns early, between sizes, once `stop` is set."""
+        if not self.compile or self.warm:
             return
         limit, smallest = self.batch_tokens, self.attention.pads_to(1)
         if smallest == 1:  # no padding buckets: two sizes settle the one dynamic-shape graph
@@ -457,6 +458,7 @@ class DNABERTEncoder:
             flat = np.full(total, self.tokenizer.sep_id, dtype=np.int64)
             out, _ = self.run(prepare_batches(flat, lengths, self.batch_tokens, pin=self.device.type == "cuda"))
             out.cpu()
+        self.warm = True
 
     def embed(self, sequences: Sequence[str]) -> Tensor:
         """[n, dim] float32 CPU embeddings in input order: mean over all tokens of each."""

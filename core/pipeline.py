@@ -357,6 +357,8 @@ def load_predictor(
     esm_cache: WeightsCache | None = None,
     dnabert_cache: WeightsCache | None = None,
     before_compiling: Callable[[], object] | None = None,
+    warm_up: bool = False,
+    stop: threading.Event | None = None,
 ) -> Predictor:
     """Load the three models from local paths (or names the libraries can resolve).
 
@@ -368,7 +370,10 @@ def load_predictor(
     when one is given and holds it. `before_compiling` runs in DNABERT-S's thread before
     anything compiles (its attention check compiles FlexAttention), while ESM-2's weights
     load in the other: the worker hands torch the compiler's saved artifacts there, so that
-    importing the compiler (seconds of Python) overlaps the weights' copy."""
+    importing the compiler (seconds of Python) overlaps the weights' copy. warm_up=True
+    compiles DNABERT-S for every batch shape in its thread too, once it is loaded (a small
+    model; ESM-2's 5.6 GB are still loading): `Predictor.warm_up` then has only ESM-2 left.
+    `stop` ends that early, between shapes."""
     target = resolve_device(device)
     scorer = load_classifier(classifier, target)
     length = check_chunk_length(scorer, chunk_length, force_chunk_length)
@@ -376,7 +381,10 @@ def load_predictor(
     def dnabert_after_compiler() -> DNABERTEncoder:
         if before_compiling is not None:
             before_compiling()
-        return load_dnabert(dnabert_model, target, batch_tokens, compile=compile, cache=dnabert_cache)
+        dnabert = load_dnabert(dnabert_model, target, batch_tokens, compile=compile, cache=dnabert_cache)
+        if warm_up:
+            dnabert.warm_up(stop)
+        return dnabert
 
     with ThreadPoolExecutor(2, thread_name_prefix="load") as pool:
         esm = pool.submit(load_esm2, esm_model, target, batch_tokens, compile=compile, cache=esm_cache)

@@ -422,7 +422,7 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
         return exit_codes.INTERRUPTED
     log = get_logger(pid=os.getpid())
     try:
-        predictor, device, caches, compiler = _load(spec, log)
+        predictor, device, caches, compiler = _load(spec, log, stop)
     except Exception as exc:
         # A model the parent's checks refuse too: the parent reports it, once, and stops us
         if user_error_code(exc) is not None and _run_named_by_parent(stop) is None:
@@ -453,9 +453,11 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
     return code
 
 
-def _load(spec: WorkerSpec, log: Any) -> tuple[Predictor, str, dict[str, WeightsCache | None], CompilerCache | None]:
+def _load(spec: WorkerSpec, log: Any, stop: threading.Event
+          ) -> tuple[Predictor, str, dict[str, WeightsCache | None], CompilerCache | None]:
     """Import torch and load the models (timed in the log): the predictor, its device, the
-    encoders' converted-weights caches and the compiler's artifacts handed to torch."""
+    encoders' converted-weights caches and the compiler's artifacts handed to torch.
+    DNABERT-S is warmed up while ESM-2's weights load (until `stop`)."""
     config = spec.config
     if config.device != "cpu":  # converted weights are kept for a GPU only (below)
         read_ahead(config.model_cache, [spec.models.get(name, {}) for name in ("esm_model", "dnabert_model")])
@@ -479,7 +481,7 @@ def _load(spec: WorkerSpec, log: Any) -> tuple[Predictor, str, dict[str, Weights
         config.esm_model, config.dnabert_model, config.classifier, config.chunk_length,
         config.force_chunk_length, config.device, config.batch_tokens, config.compile, config.group_reads,
         config.reuse, esm_cache=caches["esm_model"], dnabert_cache=caches["dnabert_model"],
-        before_compiling=lambda: compiler.append(CompilerCache.load(spec, target, log)),
+        before_compiling=lambda: compiler.append(CompilerCache.load(spec, target, log)), warm_up=True, stop=stop,
     )
     log.info(
         "models_loaded", import_seconds=round(imported - began, 2), load_seconds=round(time.perf_counter() - imported, 2),
