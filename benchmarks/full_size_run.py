@@ -185,9 +185,9 @@ COLD_START_STEPS = (  # (label, event that ends it), in the order a worker meets
     ("parent: start to the workers' start (model checksums, GPU count)", "workers_started"),
     ("worker: process start", None),  # the rest of the worker's time to models_loaded
     ("worker: import torch", "import_seconds"),
-    ("worker: load both encoders", "load_seconds"),
+    ("worker: load both encoders (and compile DNABERT-S meanwhile)", "load_seconds"),
     ("worker: compiler artifacts saved", None),  # engine_ready - models_loaded - the warm-up (loaded before the models)
-    ("worker: warm-up (compile)", "warm_up_seconds"),
+    ("worker: warm-up (ESM-2; compile)", "warm_up_seconds"),
     ("worker: waiting for the parent's plan", "worker_started"),  # the parent checks and plans meanwhile
     ("worker: first group scored", "first_batch_scored"),
 )
