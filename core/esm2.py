@@ -374,6 +374,14 @@ def load_esm2(
     `encoder.loaded_from` says which. Raises ModelLoadError, with a message meant for the
     user, when the source cannot be used.
     """
+    model, loaded_from = load_esm2_model(source, device, cache)
+    return esm2_encoder(model, loaded_from, device, batch_tokens, attention=attention, compile=compile)
+
+
+def load_esm2_model(source: str, device: torch.device, cache: WeightsCache | None = None) -> tuple[ESM2, str]:
+    """`load_esm2`'s first half: the model with its weights, and where they came from.
+    Reading files and torch.nn only: no attention backend and no compiler is imported, so it
+    can run in a thread beside one that compiles (core.pipeline)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = model_from_cache(cache, device, dtype) if cache is not None else None
     loaded_from = "cache" if model is not None else "source"
@@ -383,8 +391,15 @@ def load_esm2(
         del checkpoint
         if cache is not None and cache.write(CACHE_NAME, model.state_dict(), {"config": json.dumps(_architecture(model))}):
             loaded_from = "source (caching)" if cache.in_background else "source (cached now)"
-    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
-    encoder = ESM2Encoder(model, alphabet, device, batch_tokens, attention=attention, compile=compile)
+    return model, loaded_from
+
+
+def esm2_encoder(model: ESM2, loaded_from: str, device: torch.device, batch_tokens: int | None = None, *,
+                 attention: str | None = None, compile: bool | None = None) -> ESM2Encoder:
+    """`load_esm2`'s second half: the encoder over a loaded model, which chooses its
+    attention backend (whose imports load the compiler)."""
+    encoder = ESM2Encoder(model, esm.data.Alphabet.from_architecture("ESM-1b"), device, batch_tokens,
+                          attention=attention, compile=compile)
     encoder.loaded_from = loaded_from
     return encoder
 

@@ -5,6 +5,7 @@ in the same order, including records that could not be scored (with the reason w
 """
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -18,7 +19,7 @@ import torch
 from core.classifier import Classifier, check_chunk_length, load_classifier
 from core.dnabert import DNABERTEncoder, load_dnabert
 from core.errors import ModelLoadError, NonFiniteEmbedding
-from core.esm2 import ESM2Encoder, load_esm2
+from core.esm2 import ESM2, ESM2Encoder, esm2_encoder, load_esm2_model
 from core.memo import MEMO_SEQUENCES, EmbeddingMemo, Lookup
 from core.model_cache import WeightsCache
 from core.reads import Record
@@ -365,20 +366,33 @@ def load_predictor(
     compile None runs the engine compiled on CUDA and eagerly on the CPU; False keeps it
     eager (slower; for debugging the compiler away), True compiles it on the CPU too.
     `group_reads` reads are scored together; reuse=False embeds repeated sequences again
-    (see `Predictor`). The two encoders load at the same time, one thread each (reading
-    files and copying to the device release the GIL), each from its converted-weights cache
-    when one is given and holds it. `before_compiling` runs in DNABERT-S's thread before
-    anything compiles (its attention check compiles FlexAttention), while ESM-2's weights
-    load in the other: the worker hands torch the compiler's saved artifacts there, so that
-    importing the compiler (seconds of Python) overlaps the weights' copy. warm_up=True
-    compiles DNABERT-S for every batch shape in its thread too, once it is loaded (a small
-    model; ESM-2's 5.6 GB are still loading): `Predictor.warm_up` then has only ESM-2 left.
-    `stop` ends that early, between shapes."""
+    (see `Predictor`). ESM-2's weights load in one thread while DNABERT-S loads in another
+    (reading files and copying to the device release the GIL), each from its
+    converted-weights cache when one is given and holds it; ESM-2's encoder is built on its
+    weights once both are done. `before_compiling` runs in DNABERT-S's thread before anything
+    compiles (its attention check compiles FlexAttention): the worker hands torch the
+    compiler's saved artifacts there, so that importing the compiler (seconds of Python)
+    overlaps the weights' copy. warm_up=True compiles DNABERT-S for every batch shape in its
+    thread too, once it is loaded (a small model; ESM-2's 5.6 GB are still loading):
+    `Predictor.warm_up` then has only ESM-2 left. `stop` ends that early, between shapes."""
     target = resolve_device(device)
     scorer = load_classifier(classifier, target)
     length = check_chunk_length(scorer, chunk_length, force_chunk_length)
 
+    # Two threads importing one package can trip Python's import-deadlock check (cpython
+    # gh-83065), so the compiler is imported in DNABERT-S's thread only: first torch._dynamo,
+    # which building a model on the meta device imports too (torch's reference kernels are
+    # wrapped to disable it), while ESM-2's thread waits; then ESM-2's thread reads its
+    # weights, importing nothing more, and its encoder, whose attention backend imports the
+    # rest of the compiler, is built once both are done. That order also fixes the GPU
+    # memory free when ESM-2 sizes its batches (batch_tokens None).
+    dynamo_imported = threading.Event()
+
     def dnabert_after_compiler() -> DNABERTEncoder:
+        try:
+            importlib.import_module("torch._dynamo")
+        finally:
+            dynamo_imported.set()
         if before_compiling is not None:
             before_compiling()
         dnabert = load_dnabert(dnabert_model, target, batch_tokens, compile=compile, cache=dnabert_cache)
@@ -386,10 +400,15 @@ def load_predictor(
             dnabert.warm_up(stop)
         return dnabert
 
+    def esm_weights() -> tuple[ESM2, str]:
+        dynamo_imported.wait()
+        return load_esm2_model(esm_model, target, esm_cache)
+
     with ThreadPoolExecutor(2, thread_name_prefix="load") as pool:
-        esm = pool.submit(load_esm2, esm_model, target, batch_tokens, compile=compile, cache=esm_cache)
-        dnabert = pool.submit(dnabert_after_compiler)
-        return Predictor(dnabert.result(), esm.result(), scorer, length, group_reads, reuse=reuse)
+        esm = pool.submit(esm_weights)
+        dnabert = pool.submit(dnabert_after_compiler).result()
+        return Predictor(dnabert, esm2_encoder(*esm.result(), target, batch_tokens, compile=compile), scorer,
+                         length, group_reads, reuse=reuse)
 
 
 def check_widths(classifier_dim: int, dna_dim: int, protein_dim: int) -> None:

@@ -210,3 +210,34 @@ def test_unreadable_or_wrong_files_are_clear_errors(tmp_path, demo_path):
     torch.save(data, tmp_path / "wrong_size.pt")
     with pytest.raises(ModelLoadError, match="do not match"):
         load_esm2(str(tmp_path / "wrong_size.pt"), CPU)
+
+
+
+
+def test_loading_the_weights_imports_no_more_of_the_compiler(demo_path, tmp_path):
+    """core.pipeline loads ESM-2's weights in one thread while the other imports the
+    compiler: two threads importing one package can trip Python's import-deadlock check.
+    Once torch._dynamo is imported (the other thread does it first), the weights' half of
+    the load (from the checkpoint, then from the converted-weights cache) must import no
+    module of dynamo or inductor (the attention backends do, in the encoder's half)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, torch._dynamo\n"
+        "from pathlib import Path\n"
+        "from core.esm2 import load_esm2_model\n"
+        "from core.model_cache import WeightsCache\n"
+        "compiler = lambda: {m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))}\n"
+        "before = compiler()\n"
+        f"cache = WeightsCache(Path({str(tmp_path / 'cache')!r}), 'a' * 64)\n"
+        "for _ in range(2):\n"
+        f"    print(load_esm2_model({str(demo_path)!r}, torch.device('cpu'), cache)[1])\n"
+        "print(sorted(compiler() - before))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["source (cached now)", "cache"], lines
+    assert lines[2] == "[]", lines[2]
