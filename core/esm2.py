@@ -380,8 +380,10 @@ def load_esm2(
 
 def load_esm2_model(source: str, device: torch.device, cache: WeightsCache | None = None) -> tuple[ESM2, str]:
     """`load_esm2`'s first half: the model with its weights, and where they came from.
-    Reading files and torch.nn only: no attention backend and no compiler is imported, so it
-    can run in a thread beside one that compiles (core.pipeline)."""
+    Reading files and torch.nn only: no attention backend is chosen, and nothing of the
+    compiler is imported beyond torch._dynamo (building a model on the meta device imports
+    it), so it can run in a thread beside one that compiles once that one has imported
+    torch._dynamo (core.pipeline)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = model_from_cache(cache, device, dtype) if cache is not None else None
     loaded_from = "cache" if model is not None else "source"

@@ -1,5 +1,7 @@
 import os
 import random
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import warnings
@@ -212,17 +214,12 @@ def test_unreadable_or_wrong_files_are_clear_errors(tmp_path, demo_path):
         load_esm2(str(tmp_path / "wrong_size.pt"), CPU)
 
 
-
-
 def test_loading_the_weights_imports_no_more_of_the_compiler(demo_path, tmp_path):
     """core.pipeline loads ESM-2's weights in one thread while the other imports the
     compiler: two threads importing one package can trip Python's import-deadlock check.
     Once torch._dynamo is imported (the other thread does it first), the weights' half of
     the load (from the checkpoint, then from the converted-weights cache) must import no
     module of dynamo or inductor (the attention backends do, in the encoder's half)."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, torch, torch._dynamo\n"
         "from pathlib import Path\n"
