@@ -268,6 +268,15 @@ def _flex_alibi(q: Tensor, k: Tensor, v: Tensor, doc: Tensor, slopes: Tensor, bl
     return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
+def flex_inputs(segments: Segments) -> list[Tensor]:
+    """The device tensors FlexAttention reads for this batch, besides q, k, v and the slopes:
+    every row's document and the block mask's tensors. Their shapes depend only on the padded
+    row count, so a CUDA graph captured at one bucket serves every batch of it once these
+    are copied in (core.engine.CapturedForward)."""
+    doc, block_mask = _flex_layout(segments)
+    return [doc, *(t for t in block_mask.as_tuple() if isinstance(t, Tensor))]
+
+
 _FLEX_COMPILED: dict[str, Callable] = {}
 
 
