@@ -11,13 +11,15 @@ On the bench's inputs (benchmarks/bench.py: 4,000 proteins for ESM-2 3B, the ope
 - tokens/s of the landed engine (best of 2 passes) and the GPU's busy share: kernel time
   (torch.profiler) over wall time; a share near 1 means the host is not what limits it;
 - ESM-2: the same batch launched eagerly and replayed as a CUDA graph: what one graph per
-  batch would save on the host side; DNABERT-S, which replays one graph per padded size
-  (captured by its warm-up), against the same compiled pieces launched from Python;
+  batch would save on the host side;
 - variants of the compiled pieces (swapped in for the module's own): the engine before
-  issue 14 (q/k/v copied out of the projection) and a candidate not adopted (fc1's bias and
-  GELU in cuBLASLt's epilogue, whose GELU is the tanh approximation, not the exact one ESM-2
-  was trained with), timed the same way and checked against the landed engine's embeddings
-  (min cosine, max abs difference) and, for ESM-2, against fair-esm in float32.
+  issue 14 (q/k/v copied out of the projection), DNABERT-S's FlexAttention with other block
+  sizes and kernel tiles (128-row blocks were the engine before), and a candidate not
+  adopted (fc1's bias and GELU in cuBLASLt's epilogue, whose GELU is the tanh approximation,
+  not the exact one ESM-2 was trained with), timed the same way and checked against the
+  landed engine's embeddings (min cosine, max abs difference) and, for ESM-2, against
+  fair-esm in float32;
+- DNABERT-S with half and twice the token budget per batch.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench as B  # noqa: E402
+from core import attention as attention_module  # noqa: E402
 from core import dnabert as dnabert_module  # noqa: E402
 from core import esm2 as esm_module  # noqa: E402
 from core.engine import Compiled  # noqa: E402
@@ -191,6 +194,26 @@ def _project_copied(x, w_qkv, b_qkv, heads, heads_first):
     return tuple(qkv[:, i].contiguous() for i in range(3))
 
 
+class flex_blocks:
+    """FlexAttention with another sparse block size and kernel tiles than the landed ones
+    (core.attention.FLEX_BLOCK, FLEX_KERNEL_OPTIONS) for the duration of a `with`; the
+    compiler starts afresh on entry and exit."""
+
+    def __init__(self, block: int, options: dict) -> None:
+        self.block, self.options = block, options
+
+    def __enter__(self) -> None:
+        self.saved = attention_module.FLEX_BLOCK, attention_module.FLEX_KERNEL_OPTIONS
+        torch._dynamo.reset()
+        attention_module._FLEX_COMPILED.clear()
+        attention_module.FLEX_BLOCK, attention_module.FLEX_KERNEL_OPTIONS = self.block, self.options
+
+    def __exit__(self, *exc) -> None:
+        torch._dynamo.reset()
+        attention_module._FLEX_COMPILED.clear()
+        attention_module.FLEX_BLOCK, attention_module.FLEX_KERNEL_OPTIONS = self.saved
+
+
 def dna_section(device: torch.device) -> None:
     sizes = B.FULL
     tokenizer, vocab = B.bpe_tokenizer(sizes.dna_vocab, sizes.tokenizer_corpus)
@@ -213,26 +236,28 @@ def dna_section(device: torch.device) -> None:
     baseline = encoder.run(prepared)[0].cpu()
     report("DNABERT-S landed", tokens, seconds,
            {"busy": round(busy_share(lambda: encoder.run(prepared)[0].cpu()), 3), "batches": len(prepared.batches)})
-    # the same compiled pieces without the warm-up's CUDA graphs: every kernel launched from Python
-    launched = dnabert_module.DNABERTEncoder(model, tokenizer, device, encoder.batch_tokens)
-    launched.run(prepared)[0].cpu()
-    seconds = timed(lambda: launched.run(prepared)[0].cpu(), 3)
-    report(f"DNABERT-S {launched.backend} (no CUDA graphs: before)", tokens, seconds,
-           {"busy": round(busy_share(lambda: launched.run(prepared)[0].cpu()), 3),
-            "bit_identical": torch.equal(baseline, launched.run(prepared)[0].cpu())})
+    variants = [("FlexAttention's default 128-row blocks and tiles (before)", flex_blocks(128, {}), None),
+                ("q/k/v copied, 128-row blocks (before issue 14)", flex_blocks(128, {}),
+                 Compiled(_project_copied, dynamic_args=(0,)))]
+    variants += [(f"{block}-row blocks, kernel {options}", flex_blocks(block, options), None) for block, options in (
+        (64, {"BLOCK_M": 64, "BLOCK_N": 32}), (32, {"BLOCK_M": 32, "BLOCK_N": 32}), (128, {"BLOCK_M": 64, "BLOCK_N": 64}))]
     original = dnabert_module.PROJECT
-    try:
-        torch._dynamo.reset()  # FlexAttention is compiled per bucket and layout: start afresh
-        dnabert_module.PROJECT = Compiled(_project_copied, dynamic_args=(0,))
-        launched.run(prepared)[0].cpu()
-        seconds = timed(lambda: launched.run(prepared)[0].cpu(), 3)
-        report("DNABERT-S q/k/v copied, no CUDA graphs (before issue 14)", tokens, seconds,
-               compare(baseline, launched.run(prepared)[0].cpu()))
-    except Exception:
-        print("  DNABERT-S strided failed:\n" + traceback.format_exc(limit=4), flush=True)
-    finally:
-        dnabert_module.PROJECT = original
-    for budget in (encoder.batch_tokens * 2,):
+    for name, blocks, project in variants:
+        try:
+            with blocks:
+                dnabert_module.PROJECT = project or original
+                variant = dnabert_module.DNABERTEncoder(model, tokenizer, device, encoder.batch_tokens)
+                variant.warm_up()
+                variant.run(prepared)[0].cpu()
+                seconds = timed(lambda: variant.run(prepared)[0].cpu(), 3)
+                report(f"DNABERT-S {name}", tokens, seconds, compare(baseline, variant.run(prepared)[0].cpu()))
+        except Exception:
+            print(f"  DNABERT-S {name} failed:\n" + traceback.format_exc(limit=4), flush=True)
+        finally:
+            dnabert_module.PROJECT = original
+    seconds = timed(lambda: encoder.run(prepared)[0].cpu(), 3)
+    report("DNABERT-S landed, again", tokens, seconds)
+    for budget in (encoder.batch_tokens // 2, encoder.batch_tokens * 2):
         try:
             torch._dynamo.reset()
             bigger = dnabert_module.DNABERTEncoder(model, tokenizer, device, budget)
@@ -242,7 +267,7 @@ def dna_section(device: torch.device) -> None:
             seconds = timed(lambda: bigger.run(again)[0].cpu(), 3)
             report(f"DNABERT-S batch_tokens {budget}", tokens, seconds, {"batches": len(again.batches)})
         except Exception:
-            print("  DNABERT-S bigger budget failed:\n" + traceback.format_exc(limit=4), flush=True)
+            print("  DNABERT-S other budget failed:\n" + traceback.format_exc(limit=4), flush=True)
 
 
 def main() -> int:

@@ -30,7 +30,12 @@ from torch import Tensor
 
 from core.packing import segment_ids
 
-FLEX_BLOCK = 128  # FlexAttention's sparse block: padded token counts are multiples of it
+# FlexAttention's sparse block, and the kernel's tiles: padded token counts are multiples of
+# it. DNABERT-S's sequences are about 105 tokens: 64-row blocks skip more of the keys outside
+# each query's sequence than 128-row ones (the default), 5-7% faster over the whole model on an
+# H200 (docs/PERFORMANCE.md).
+FLEX_BLOCK = 64
+FLEX_KERNEL_OPTIONS = {"BLOCK_M": FLEX_BLOCK, "BLOCK_N": FLEX_BLOCK}
 FLEX_MIN_BUCKET = 4096  # smallest padded token count: fewer distinct shapes, fewer compiles
 PLAIN_ORDER = ("flash_attn", "varlen", "sdpa_padded")
 ALIBI_ORDER = ("flash_attn", "flex", "sdpa_padded")
@@ -225,8 +230,9 @@ def _parameters(function: Callable) -> set[str]:
 
 
 # FlexAttention: rows are padded to a bucket (multiple of FLEX_BLOCK); the padding is one more
-# document. The block mask lists, for each 128-row query block, the contiguous range of key
-# blocks that its documents cover; the score_mod adds ALiBi and masks other documents.
+# document. The block mask lists, for each query block of FLEX_BLOCK rows, the contiguous
+# range of key blocks that its documents cover; the score_mod adds ALiBi and masks other
+# documents.
 
 def _flex_layout(segments: Segments):
     if "flex" in segments.cache:
@@ -265,16 +271,8 @@ def _flex_alibi(q: Tensor, k: Tensor, v: Tensor, doc: Tensor, slopes: Tensor, bl
         biased = score - slopes[head] * (q_idx - kv_idx).abs()
         return torch.where(doc[q_idx] == doc[kv_idx], biased, -float("inf"))
 
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
-
-
-def flex_inputs(segments: Segments) -> list[Tensor]:
-    """The device tensors FlexAttention reads for this batch, besides q, k, v and the slopes:
-    every row's document and the block mask's tensors. Their shapes depend only on the padded
-    row count, so a CUDA graph captured at one bucket serves every batch of it once these
-    are copied in (core.engine.CapturedForward)."""
-    doc, block_mask = _flex_layout(segments)
-    return [doc, *(t for t in block_mask.as_tuple() if isinstance(t, Tensor))]
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                          kernel_options=FLEX_KERNEL_OPTIONS)
 
 
 _FLEX_COMPILED: dict[str, Callable] = {}

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from core import attention as attention_module
 from core.attention import Attention as AttentionBackend
 from core.attention import Segments
-from core.engine import CapturedForward, Compiled, compile_state, compiles, describe, finished, run_batches
+from core.engine import Compiled, compile_state, compiles, describe, finished, run_batches
 from core.errors import ModelLoadError
 from core.model_cache import WeightsCache
 from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepare_batches, segment_mean
@@ -375,10 +375,8 @@ class DNABERTEncoder:
     """Tokenizes, packs under a token budget, runs DNABERT, and mean-pools per sequence.
 
     The attention backend is chosen once here for the device (`self.attention.name`, for the
-    log), and the model runs compiled on CUDA. With FlexAttention compiled on CUDA, `warm_up`
-    also captures the forward at each padded size as a CUDA graph (`graphs`), and every batch
-    of that size replays it. `prepare` (host work, thread-safe) and `run` (device work, no
-    sync) let a caller overlap the two.
+    log), and the model runs compiled on CUDA. `prepare` (host work, thread-safe) and `run`
+    (device work, no sync) let a caller overlap the two.
     """
 
     loaded_from = "given"  # load_dnabert sets it: "cache", "source", "source (cached now)" or "source (caching)", for the log
@@ -402,10 +400,6 @@ class DNABERTEncoder:
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
         self.batch_tokens = batch_tokens
-        # by padded row count; filled by warm_up where every batch of a size has the same shapes
-        self.graphs: dict[int, CapturedForward] = {}
-        self.graphs_error: str | None = None  # why capturing failed, if it did: batches then launch as before
-        self._graph_pool: tuple[int, int] | None = None  # the graphs' shared scratch memory
 
     @property
     def dim(self) -> int:
@@ -414,12 +408,8 @@ class DNABERTEncoder:
 
     @property
     def backend(self) -> str:
-        """What runs, for the log: e.g. 'float16 flex compiled, CUDA graphs' or 'float32
-        per_sequence eager'."""
-        described = describe(self.dtype, self.attention.name, compile_state(self.compile, COMPILED_PARTS))
-        if self.graphs_error:
-            return f"{described}, no CUDA graphs ({self.graphs_error})"
-        return f"{described}, CUDA graphs" if self.graphs else described
+        """What runs, for the log: e.g. 'float16 flex compiled' or 'float32 per_sequence eager'."""
+        return describe(self.dtype, self.attention.name, compile_state(self.compile, COMPILED_PARTS))
 
     def prepare(self, sequences: Sequence[str]) -> PreparedBatches:
         """Host work: tokenize and pack (pinned for the GPU). Safe to call from another thread."""
@@ -432,16 +422,6 @@ class DNABERTEncoder:
 
     def _pooled(self, batch: PackedBatch) -> Tensor:
         """The published pooling: the mean over every token, [CLS] and [SEP] included."""
-        attention, tokens, segments = self._model_inputs(batch)
-        graph = self.graphs.get(segments.total) if attention is self.attention else None
-        if graph is not None:
-            hidden = graph([tokens, *attention_module.flex_inputs(segments)])
-        else:
-            hidden = self.model(tokens, segments, attention, self.compile)
-        return segment_mean(hidden[: batch.total], batch.cu_seqlens, validate=False)
-
-    def _model_inputs(self, batch: PackedBatch) -> tuple[AttentionBackend, Tensor, Segments]:
-        """The attention backend, token rows and segments the model runs a batch with."""
         attention = self.attention
         total = attention.pads_to(batch.total)
         if total > max(batch.total, attention.pads_to(self.batch_tokens)):
@@ -451,37 +431,17 @@ class DNABERTEncoder:
         if total > batch.total:  # the backend's padding rows, a dummy sequence of [SEP]s
             tokens = F.pad(tokens, (0, total - batch.total), value=self.tokenizer.sep_id)
         bounds = batch.bounds if batch.bounds is not None else batch.cu_seqlens.tolist()
-        return attention, tokens, Segments(batch.cu_seqlens, bounds, batch.max_seqlen, total)
-
-    def _capture(self, batch: PackedBatch) -> None:
-        """The forward at this batch's padded size as a CUDA graph, right after a run of a
-        batch of that size compiled it. A capture that fails is logged, and every batch then
-        launches its kernels as without graphs."""
-        with torch.inference_mode():
-            attention, tokens, segments = self._model_inputs(batch.to(self.device))
-            inputs = [tokens, *attention_module.flex_inputs(segments)]
-            try:
-                self.graphs[segments.total] = CapturedForward(
-                    lambda: self.model(tokens, segments, attention, self.compile), inputs, self._graph_pool)
-            except RuntimeError as error:
-                if isinstance(error, torch.OutOfMemoryError):
-                    raise
-                self.graphs.clear()
-                self.graphs_error = f"{type(error).__name__}: {str(error)[:300]}"
-                log.warning("capturing DNABERT-S as CUDA graphs failed, launching its kernels instead: %s",
-                            self.graphs_error)
+        segments = Segments(batch.cu_seqlens, bounds, batch.max_seqlen, total)
+        hidden = self.model(tokens, segments, attention, self.compile)
+        return segment_mean(hidden[: batch.total], batch.cu_seqlens, validate=False)
 
     def warm_up(self, stop: threading.Event | None = None) -> None:
         """Compile now for every padded size a batch can have (FlexAttention is compiled once
         per token bucket, the rest of the layer once for all sizes), so that no batch waits
-        on the compiler in the middle of a run, and capture each size's CUDA graph where
-        batches of a size share their shapes (FlexAttention's buckets on CUDA). Nothing to do
-        when running eagerly or once done. Returns early, between sizes, once `stop` is set."""
+        on the compiler in the middle of a run. Nothing to do when running eagerly or once
+        done. Returns early, between sizes, once `stop` is set."""
         if not self.compile or self.warm:
             return
-        capture = self.attention.name == "flex" and self.device.type == "cuda"
-        if capture and self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
         limit, smallest = self.batch_tokens, self.attention.pads_to(1)
         if smallest == 1:  # no padding buckets: two sizes settle the one dynamic-shape graph
             totals = [max(1, limit // 2), limit]
@@ -496,11 +456,8 @@ class DNABERTEncoder:
             lengths = np.full(max(1, total // 100), 100, dtype=np.int64)
             lengths[-1] += total - int(lengths.sum())
             flat = np.full(total, self.tokenizer.sep_id, dtype=np.int64)
-            prepared = prepare_batches(flat, lengths, self.batch_tokens, pin=self.device.type == "cuda")
-            out, _ = self.run(prepared)
+            out, _ = self.run(prepare_batches(flat, lengths, self.batch_tokens, pin=self.device.type == "cuda"))
             out.cpu()
-            if capture and self.graphs_error is None:
-                self._capture(prepared.batches[0])
         self.warm = True
 
     def embed(self, sequences: Sequence[str]) -> Tensor:

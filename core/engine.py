@@ -1,6 +1,5 @@
 """What both encoders share to run a model: the compile wrapper, its state for the log, the
-check for non-finite embeddings, the loop that runs packed batches on the device, and the
-CUDA graph of one forward pass.
+check for non-finite embeddings, and the loop that runs packed batches on the device.
 
 `Compiled` is the one place where `torch.compile` is called. A compiler failure (dynamo or
 inductor cannot handle a function) is logged with its reason and that function runs eagerly
@@ -10,7 +9,7 @@ compiler failure and is raised like any other error.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -97,48 +96,6 @@ def compiles(requested: bool | None, device: torch.device) -> bool:
 def describe(dtype: torch.dtype, attention_name: str, state: str) -> str:
     """What runs, for the log: e.g. 'float16 varlen compiled' or 'float32 per_sequence eager'."""
     return f"{str(dtype).replace('torch.', '')} {attention_name} {state}"
-
-
-class CapturedForward:
-    """A model's forward pass at one set of input shapes, captured once as a CUDA graph and
-    replayed for every batch of those shapes.
-
-    Why: launching a forward's kernels one by one from Python costs host time per kernel;
-    where the kernels are short (DNABERT-S: 12 layers of 768 wide) the GPU waits on the host
-    about a fifth of the time (docs/PERFORMANCE.md). A replay launches the whole pass at once.
-
-    A graph reads and writes fixed addresses: a call copies its inputs into the tensors the
-    capture read (`inputs`; same shapes and dtypes, in the same order) and returns `output`,
-    which the next call overwrites: work queued on it on the same stream, before the next
-    call, sees this call's values. Capture right after running `forward` at the same shapes:
-    whatever it compiles or autotunes must already be done (a capture can do neither). The
-    capture is thread-local, so another thread may use the GPU meanwhile (ESM-2's weights load
-    while DNABERT-S warms up). Graphs given one `pool` share their scratch memory, which is
-    safe as long as they replay one at a time on one stream.
-    """
-
-    def __init__(self, forward: Callable[[], Tensor], inputs: Sequence[Tensor], pool: tuple[int, int]) -> None:
-        self.inputs = list(inputs)
-        self.graph = torch.cuda.CUDAGraph()
-        # CUDAGraph's own calls, not torch.cuda.graph(), which first synchronizes the device and
-        # empties the memory caches: the other thread's weight copies would wait for that.
-        stream = torch.cuda.Stream()  # a capture cannot run on the default stream
-        stream.wait_stream(torch.cuda.current_stream())  # where the inputs were written
-        with torch.cuda.stream(stream):
-            self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-            try:
-                self.output = forward()
-            finally:
-                self.graph.capture_end()
-        torch.cuda.current_stream().wait_stream(stream)
-
-    def __call__(self, inputs: Sequence[Tensor]) -> Tensor:
-        for captured, given in zip(self.inputs, inputs, strict=True):
-            if captured.shape != given.shape:  # copy_ would broadcast a smaller input silently
-                raise ValueError(f"a CUDA graph captured for {tuple(captured.shape)} was given {tuple(given.shape)}")
-            captured.copy_(given)
-        self.graph.replay()
-        return self.output
 
 
 def run_batches(prepared: PreparedBatches, device: torch.device, dim: int,

@@ -158,24 +158,6 @@ def test_dnabert_selected_backend(dna_setup):
     assert cosine >= MIN_COSINE
 
 
-def test_dnabert_cuda_graphs_replay_the_bits_of_the_launched_kernels(dna_setup):
-    from core.dnabert import DNABERTEncoder
-
-    model, tokenizer, reads, _ = dna_setup
-    launched = DNABERTEncoder(model, tokenizer, CUDA, 8192, attention="flex")  # compiled lazily, no graphs
-    graphed = DNABERTEncoder(model, tokenizer, CUDA, 8192, attention="flex")
-    graphed.warm_up()
-    assert sorted(graphed.graphs) == [4096, 8192] and not launched.graphs
-    assert graphed.backend.endswith(", CUDA graphs"), graphed.backend
-    replayed = []
-    for size, graph in list(graphed.graphs.items()):
-        graphed.graphs[size] = lambda inputs, graph=graph, size=size: replayed.append(size) or graph(inputs)
-    rng = random.Random(2)
-    for subset in (reads, reads[::2], reads[5:9], rng.sample(reads, len(reads)), reads[-1:]):
-        assert torch.equal(graphed.embed(subset), launched.embed(subset))
-    assert set(replayed) == {4096, 8192}, replayed
-
-
 def test_segment_mean_gives_the_same_bits_every_time():
     from core.packing import segment_mean
 
