@@ -166,6 +166,7 @@ def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_re
             seen.setdefault("first_batch_s", round(stamp(event) - launched, 1))
         elif event["event"] == "shard_done":
             seen["shards"] += 1
+            seen["last_done_s"] = round(stamp(event) - launched, 1)
         elif event["event"] == "worker_finished":
             seen["peak_gpu_gib"] = event.get("peak_gpu_gib")
     claims = [stamp(e) for e in events if e.get("event") == "shard_claimed"]
@@ -175,8 +176,15 @@ def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_re
     result = {"gpus": gpus, "reuse": reuse, "workers": len(workers), "reads": summary["reads"], "frames": summary["frames"],
               "shards": summary["shards"], "seconds": round(seconds, 2), "frames_per_s": summary["frames"] / seconds,
               "wall_s": round(wall, 1), "warm_up_s": warm_ups, "per_worker": list(workers.values())}
+    # what the timed window holds besides work: workers claiming their first shard, and
+    # finishing their last, at different times (0 with one worker)
+    firsts = [w["first_batch_s"] for w in workers.values() if "first_batch_s" in w]
+    lasts = [w["last_done_s"] for w in workers.values() if "last_done_s" in w]
+    result["start_stagger_s"] = round(max(firsts) - min(firsts), 1) if firsts else None
+    result["end_stagger_s"] = round(max(lasts) - min(lasts), 1) if lasts else None
     print(f"  {gpus} GPU(s){'' if reuse else ' without reuse'}: {result['workers']} workers, {result['reads']} reads, {result['frames']} frames in "
           f"{seconds:.2f} s = {result['frames_per_s']:,.0f} frames/s; wall {wall:.1f} s; warm-ups {warm_ups} s; "
+          f"first shards claimed {result['start_stagger_s']} s apart, last ones done {result['end_stagger_s']} s apart; "
           f"per worker {result['per_worker']}", flush=True)
     return result
 
