@@ -114,8 +114,9 @@ def test_renewer_renews_every_third_of_a_lease_and_reports_a_refusal(tmp_path) -
             time.sleep(0.1)
             etags.append(store.get(KEY).etag)
         assert len(set(etags)) >= 2  # renewed while we watched
-        stored = store.get(KEY)
-        store.replace(KEY, Claim(owner="thief", lease_seconds=9).to_json(), stored.etag)  # taken behind its back
+        thief = Claim(owner="thief", lease_seconds=9).to_json()
+        while store.replace(KEY, thief, store.get(KEY).etag) is None:  # taken behind its back; a renewal
+            pass  # between our read and our write refuses the theft: read again
         deadline = time.monotonic() + 5
         while not lease.lost.is_set():
             assert time.monotonic() < deadline, "the refused renewal was not noticed"
