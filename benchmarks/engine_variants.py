@@ -276,10 +276,9 @@ def main() -> int:
         return 2
     device = torch.device("cuda")
     print(f"engine variants on {torch.cuda.get_device_name()} (torch {torch.__version__})", flush=True)
-    chosen = set(sys.argv[1:]) or {"dna", "esm"}
-    for name, section in (("DNABERT-S", dna_section), ("ESM-2", esm_section)):
-        if section.__name__.split("_")[0] not in chosen:
-            continue
+    sections = {"dna": ("DNABERT-S", dna_section), "esm": ("ESM-2", esm_section)}
+    chosen = set(sys.argv[1:]) or set(sections)
+    for name, section in (sections[key] for key in sections if key in chosen):
         print(f"\n== {name}", flush=True)
         try:
             section(device)
