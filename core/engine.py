@@ -118,8 +118,8 @@ def finished(model: str, result: tuple[Tensor, Tensor]) -> Tensor:
     embedding holds a NaN or infinity.
 
     From a GPU they are copied into page-locked memory (what `.to("cpu", non_blocking=True)`
-    allocates), as the pipeline copies its results: on an H200 a copy into ordinary memory
-    took 4% of DNABERT-S's time on the bench's frames (docs/PERFORMANCE.md)."""
+    allocates), as the pipeline copies its results: a copy into ordinary memory is slower
+    (0.7% of DNABERT-S's time on the bench's frames on an H200, docs/PERFORMANCE.md)."""
     out, finite = result
     device = out.device
     out, finite = out.to("cpu", non_blocking=True), finite.to("cpu", non_blocking=True)
