@@ -45,7 +45,6 @@ from core.attention import Segments
 from core.classifier import Classifier, MLPClassifier
 from core.dnabert import (DNABERTConfig, DNABERTEncoder, DNABERTModel, DNATokenizer, load_published_state_dict,
                           random_state_dict, train_bpe_tokenizer)
-from core.engine import finished
 from core.esm2 import ESM2Encoder, model_from_checkpoint
 from core.reads import Record
 from core.frames import chunk_record, open_frames
@@ -502,11 +501,11 @@ def esm2(bench: Bench) -> ESM2Encoder:
 
     flop = esm_flop_per_token(layers, sizes.esm_dim, lengths)
     warm = encoder.prepare(bench.proteins[: max(8, len(bench.proteins) // 4)])
-    clock.time(lambda: finished("ESM-2", encoder.run(warm)))  # a first pass, untimed
+    clock.time(lambda: encoder.run(warm)[0].cpu())  # a first pass, untimed
     host_started = time.perf_counter()
     prepared = encoder.prepare(bench.proteins)
     host_seconds = time.perf_counter() - host_started
-    runs = [clock.time(lambda: finished("ESM-2", encoder.run(prepared))) for _ in range(2)]
+    runs = [clock.time(lambda: encoder.run(prepared)[0].cpu()) for _ in range(2)]
     seconds, peak, ours_out = min(runs, key=lambda r: r[0])
     report.row(model_name, f"ours packed {encoder.backend}", int(lengths.sum()), len(bench.proteins), seconds, peak,
                flop, repeat_seconds=[round(r[0], 4) for r in runs], host_prepare_seconds=round(host_seconds, 4),
@@ -514,8 +513,8 @@ def esm2(bench: Bench) -> ESM2Encoder:
     if encoder.compile:  # the same model without torch.compile, for the record
         eager = ESM2Encoder(ours, alphabet, device, encoder.batch_tokens, attention=encoder.attention.name,
                             compile=False)
-        clock.time(lambda: finished("ESM-2", eager.run(warm)))
-        seconds, peak, _ = clock.time(lambda: finished("ESM-2", eager.run(prepared)))
+        clock.time(lambda: eager.run(warm)[0].cpu())
+        seconds, peak, _ = clock.time(lambda: eager.run(prepared)[0].cpu())
         report.row(model_name, f"ours packed {eager.backend}", int(lengths.sum()), len(bench.proteins), seconds,
                    peak, flop)
     check = bench.data["checks"]["esm_ours_vs_fair_esm_fp32"] = _cosines(ours_out[: len(published_out)], published_out)
@@ -550,22 +549,17 @@ def dnabert(bench: Bench) -> DNABERTEncoder:
     encoder = DNABERTEncoder(model, tokenizer, device, None, **bench.encoder_options())
     bench.data["dna_engine"] = _warmed_up(encoder, clock)
     prepared = encoder.prepare(bench.frame_nucleotides)
-    clock.time(lambda: finished("DNABERT-S", encoder.run(prepared)))  # a first pass over this set, untimed
-    runs = [clock.time(lambda: finished("DNABERT-S", encoder.run(prepared))) for _ in range(3)]
+    clock.time(lambda: encoder.run(prepared)[0].cpu())  # a first pass over this set, untimed
+    runs = [clock.time(lambda: encoder.run(prepared)[0].cpu()) for _ in range(3)]
     seconds, peak, ours_out = min(runs, key=lambda r: r[0])
     report.row(model_name, f"ours packed {encoder.backend}", int(lengths.sum()), len(token_lists), seconds, peak,
                flop, repeat_seconds=[round(r[0], 4) for r in runs], batch_tokens=encoder.batch_tokens,
                batches=len(prepared.batches))
-    # the bench before issue 14's last change copied the embeddings back into ordinary memory
-    pageable = min(clock.time(lambda: encoder.run(prepared)[0].cpu())[0] for _ in range(3))
-    bench.data["dna_with_pageable_copy_tokens_per_s"] = int(lengths.sum()) / pageable
-    print(f"  the same, copied back into ordinary (pageable) memory as the bench did before: "
-          f"{int(lengths.sum()) / pageable:,.0f} tokens/s")
     if encoder.compile:
         eager = DNABERTEncoder(model, tokenizer, device, encoder.batch_tokens, attention=encoder.attention.name,
                                compile=False)
-        clock.time(lambda: finished("DNABERT-S", eager.run(prepared)))
-        seconds, peak, _ = clock.time(lambda: finished("DNABERT-S", eager.run(prepared)))
+        clock.time(lambda: eager.run(prepared)[0].cpu())
+        seconds, peak, _ = clock.time(lambda: eager.run(prepared)[0].cpu())
         report.row(model_name, f"ours packed {eager.backend}", int(lengths.sum()), len(token_lists), seconds, peak,
                    flop)
     check = bench.data["checks"]["dna_ours_vs_fp32_one_per_call"] = _cosines(ours_out[: len(single_out)], single_out)
@@ -640,8 +634,8 @@ def _pipeline_pass(bench: Bench, predictor: Predictor) -> tuple[float, float | N
 def profile(bench: Bench, esm_encoder: ESM2Encoder, dna_encoder: DNABERTEncoder) -> None:
     """Top GPU kernels of one packed batch set of each encoder."""
     profiles = bench.data["profile"]
-    profiles["esm"] = _profile(lambda: finished("ESM-2", esm_encoder.run(esm_encoder.prepare(bench.proteins[:400]))))
-    profiles["dna"] = _profile(lambda: finished("DNABERT-S", dna_encoder.run(dna_encoder.prepare(bench.frame_nucleotides[:2000]))))
+    profiles["esm"] = _profile(lambda: esm_encoder.run(esm_encoder.prepare(bench.proteins[:400]))[0].cpu())
+    profiles["dna"] = _profile(lambda: dna_encoder.run(dna_encoder.prepare(bench.frame_nucleotides[:2000]))[0].cpu())
     for name, rows in profiles.items():
         print(f"  {name}: top kernels by GPU time")
         for row in rows[:12]:

@@ -115,16 +115,9 @@ def run_batches(prepared: PreparedBatches, device: torch.device, dim: int,
 
 def finished(model: str, result: tuple[Tensor, Tensor]) -> Tensor:
     """The embeddings of `run_batches` on the CPU; NonFiniteEmbedding names the inputs whose
-    embedding holds a NaN or infinity.
-
-    From a GPU they are copied into page-locked memory (what `.to("cpu", non_blocking=True)`
-    allocates), as the pipeline copies its results: a copy into ordinary memory is slower
-    (0.7% of DNABERT-S's time on the bench's frames on an H200, docs/PERFORMANCE.md)."""
+    embedding holds a NaN or infinity."""
     out, finite = result
-    device = out.device
-    out, finite = out.to("cpu", non_blocking=True), finite.to("cpu", non_blocking=True)
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()  # the copies were only queued
+    out, finite = out.cpu(), finite.cpu()
     if not bool(finite.all()):
         raise NonFiniteEmbedding(model, torch.nonzero(~finite).flatten().tolist())
     return out
