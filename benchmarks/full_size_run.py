@@ -9,6 +9,7 @@ GPU over `--reads-per-gpu` x n reads; finally it embeds one run's proteins with 
 
     python3 benchmarks/full_size_run.py --work /tmp/full-size --reads-per-gpu 12000
     python3 benchmarks/full_size_run.py --gpus 1 2 4 8      # on a host with 8 GPUs
+    python3 benchmarks/full_size_run.py --cores 16 8 16     # one worker on fewer host cores
     python3 benchmarks/full_size_run.py --repeat-fraction 0.3 --compare-reuse --shards-per-gpu 1
     python3 benchmarks/full_size_run.py --device cpu --reads-per-gpu 2000 --repeat-fraction 0.3 --compare-reuse
     python3 benchmarks/full_size_run.py --cold-start        # issue 14: start to first scored batch
@@ -132,10 +133,13 @@ def job_command(run_dir: Path, models: dict[str, str], reads: list, device: str)
 
 
 def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_reads: int,
-            device: str = "cuda", reuse: bool = True) -> dict:
+            device: str = "cuda", reuse: bool = True, cores: int | None = None) -> dict:
     """One job over `reads` on the first `gpus` GPUs (or one CPU worker); its figures from
-    the log and _SUCCESS."""
-    output, log, command = job_command(work / f"gpus{gpus}{'' if reuse else '-no-reuse'}", models, reads, device)
+    the log and _SUCCESS. `cores`: the job (its workers inherit it) may use only the host's
+    first `cores` CPU cores."""
+    name = f"gpus{gpus}{'' if reuse else '-no-reuse'}{'' if cores is None else f'-cores{cores}'}"
+    shutil.rmtree(work / name, ignore_errors=True)  # a count given twice runs again
+    output, log, command = job_command(work / name, models, reads, device)
     command += ["--shard-reads", str(shard_reads)]
     if not reuse:
         command.append("--no-reuse")
@@ -146,9 +150,15 @@ def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_re
     else:
         command += ["--workers", "1"]
         print("$ " + " ".join(command), flush=True)
+    every_core = os.sched_getaffinity(0)
+    if cores is not None:
+        os.sched_setaffinity(0, sorted(every_core)[:cores])
     started = time.perf_counter()
-    with open(log, "w") as stderr:
-        code = subprocess.run(command, stderr=stderr, stdout=subprocess.DEVNULL, env=env).returncode
+    try:
+        with open(log, "w") as stderr:
+            code = subprocess.run(command, stderr=stderr, stdout=subprocess.DEVNULL, env=env).returncode
+    finally:
+        os.sched_setaffinity(0, every_core)
     wall = time.perf_counter() - started
     if code != 0:
         print(log.read_text()[-4000:])
@@ -173,7 +183,7 @@ def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_re
     dones = [stamp(e) for e in events if e.get("event") == "shard_done"]
     seconds = max(dones) - min(claims)
     warm_ups = [e["warm_up_seconds"] for e in events if e.get("event") == "engine_ready"]
-    result = {"gpus": gpus, "reuse": reuse, "workers": len(workers), "reads": summary["reads"], "frames": summary["frames"],
+    result = {"gpus": gpus, "cores": cores or len(every_core), "reuse": reuse, "workers": len(workers), "reads": summary["reads"], "frames": summary["frames"],
               "shards": summary["shards"], "seconds": round(seconds, 2), "frames_per_s": summary["frames"] / seconds,
               "wall_s": round(wall, 1), "warm_up_s": warm_ups, "per_worker": list(workers.values())}
     # what the timed window holds besides work: workers claiming their first shard, and
@@ -182,7 +192,7 @@ def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_re
     lasts = [w["last_done_s"] for w in workers.values() if "last_done_s" in w]
     result["start_stagger_s"] = round(max(firsts) - min(firsts), 1) if firsts else None
     result["end_stagger_s"] = round(max(lasts) - min(lasts), 1) if lasts else None
-    print(f"  {gpus} GPU(s){'' if reuse else ' without reuse'}: {result['workers']} workers, {result['reads']} reads, {result['frames']} frames in "
+    print(f"  {gpus} GPU(s){'' if reuse else ' without reuse'}, {result['cores']} CPU cores: {result['workers']} workers, {result['reads']} reads, {result['frames']} frames in "
           f"{seconds:.2f} s = {result['frames_per_s']:,.0f} frames/s; wall {wall:.1f} s; warm-ups {warm_ups} s; "
           f"first shards claimed {result['start_stagger_s']} s apart, last ones done {result['end_stagger_s']} s apart; "
           f"per worker {result['per_worker']}", flush=True)
@@ -321,6 +331,9 @@ def main() -> int:
                         help="share of the reads that copy an earlier read, at random positions (default: 0)")
     parser.add_argument("--compare-reuse", action="store_true",
                         help="run each job without reuse (--no-reuse), then with it; print both and the ratio")
+    parser.add_argument("--cores", type=int, nargs="+",
+                        help="run each job once per count, on the host's first N CPU cores only: how much of "
+                             "the host one worker needs (two workers on one host share it)")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--cold-start", action="store_true",
                         help="measure only the time from the command's start to the first scored batch, "
@@ -347,6 +360,8 @@ def main() -> int:
     cuda = args.device == "cuda"
     if cuda and max(args.gpus) > torch.cuda.device_count():
         raise SystemExit(f"asked for {max(args.gpus)} GPUs, {torch.cuda.device_count()} visible")
+    if args.cores and args.compare_reuse:
+        raise SystemExit("--cores and --compare-reuse: one at a time")
     if not cuda and args.gpus != [1]:
         raise SystemExit("--device cpu runs one worker: leave --gpus at 1")
     work = Path(args.work)
@@ -362,7 +377,8 @@ def main() -> int:
         if args.compare_reuse:
             without = run_job(work, models, gpus, reads, shard_reads, args.device, reuse=False)
             runs.append(without)
-        runs.append(run_job(work, models, gpus, reads, shard_reads, args.device))
+        for cores in args.cores or [None]:
+            runs.append(run_job(work, models, gpus, reads, shard_reads, args.device, cores=cores))
         if args.compare_reuse:
             runs[-1]["repeats"], runs[-1]["repeats_in_shard"] = repeats, same_shard
             compared.append((without, runs[-1]))
@@ -381,23 +397,23 @@ def main() -> int:
         return 0
     if not cuda:
         for run in runs:
-            print(f"| {run['gpus']} | {run['reads']} | {run['frames']} | {run['frames_per_s']:,.1f} |")
+            print(f"| {run['gpus']} | {run['cores']} | {run['reads']} | {run['frames']} | {run['frames_per_s']:,.1f} |")
         return 0
 
     reads = synthetic_reads(args.reads_per_gpu)
     chunks = [c for r in reads for c in chunk_record(r.id, r.sequence, 500)]
     esm_rate = esm_alone(models["esm"], [f.protein for kept in open_frames(chunks) for f in kept])
     one = next((r for r in runs if r["gpus"] == 1), None)
-    print("| GPUs | workers | frames | frames/s | vs ESM-2 alone on one GPU | scaling efficiency | "
+    print("| GPUs | CPU cores | workers | frames | frames/s | vs ESM-2 alone on one GPU | scaling efficiency | "
           "time to first batch per worker (s) | peak GPU GiB per worker |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for run in runs:
         run["vs_esm_alone"] = run["frames_per_s"] / esm_rate
         run["efficiency"] = run["frames_per_s"] / (run["gpus"] * one["frames_per_s"]) if one else None
         efficiency = f"{100 * run['efficiency']:.1f}%" if one else "-"
         first = ", ".join(str(w.get("first_batch_s")) for w in run["per_worker"])
         peaks = ", ".join(str(w.get("peak_gpu_gib")) for w in run["per_worker"])
-        print(f"| {run['gpus']} | {run['workers']} | {run['frames']} | {run['frames_per_s']:,.0f} | "
+        print(f"| {run['gpus']} | {run['cores']} | {run['workers']} | {run['frames']} | {run['frames_per_s']:,.0f} | "
               f"{100 * run['vs_esm_alone']:.1f}% | {efficiency} | {first} | {peaks} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"esm_alone_frames_per_s": esm_rate, "runs": runs}, indent=2))
