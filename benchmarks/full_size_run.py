@@ -4,11 +4,13 @@ over the GPUs of one host (issue 6), and reused embeddings of repeated reads (is
 Writes ESM-2 3B, DNABERT-S and a classifier with random weights in the published file
 formats and synthetic 500-bp reads with one or two open frames each (the bench's), then for
 each GPU count n runs the real job (`python -m job.cli run --device cuda`, local paths, a
-subprocess) with CUDA_VISIBLE_DEVICES set to the first n GPUs, so it starts one worker per
-GPU over `--reads-per-gpu` x n reads; finally it embeds one run's proteins with ESM-2 alone.
+subprocess) with CUDA_VISIBLE_DEVICES set to the first n GPUs (of those CUDA_VISIBLE_DEVICES
+names, when set), so it starts one worker per GPU over `--reads-per-gpu` x n reads; finally
+it embeds one run's proteins with ESM-2 alone.
 
     python3 benchmarks/full_size_run.py --work /tmp/full-size --reads-per-gpu 12000
     python3 benchmarks/full_size_run.py --gpus 1 2 4 8      # on a host with 8 GPUs
+    CUDA_VISIBLE_DEVICES=1 python3 benchmarks/full_size_run.py   # the second GPU alone
     python3 benchmarks/full_size_run.py --cores 16 8 16     # one worker on fewer host cores
     python3 benchmarks/full_size_run.py --repeat-fraction 0.3 --compare-reuse --shards-per-gpu 1
     python3 benchmarks/full_size_run.py --device cpu --reads-per-gpu 2000 --repeat-fraction 0.3 --compare-reuse
@@ -145,7 +147,8 @@ def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_re
         command.append("--no-reuse")
     env = dict(os.environ)
     if device == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+        visible = env.get("CUDA_VISIBLE_DEVICES") or ",".join(str(i) for i in range(torch.cuda.device_count()))
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible.split(",")[:gpus])
         print(f"$ CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} " + " ".join(command), flush=True)
     else:
         command += ["--workers", "1"]
