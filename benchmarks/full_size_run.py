@@ -134,6 +134,15 @@ def job_command(run_dir: Path, models: dict[str, str], reads: list, device: str)
     return output, log, command
 
 
+def first_gpus(count: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a job on the first `count` GPUs: of those CUDA_VISIBLE_DEVICES
+    names when it is set, else of all."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        visible = ",".join(str(i) for i in range(torch.cuda.device_count()))
+    return ",".join(visible.split(",")[:count])
+
+
 def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_reads: int,
             device: str = "cuda", reuse: bool = True, cores: int | None = None) -> dict:
     """One job over `reads` on the first `gpus` GPUs (or one CPU worker); its figures from
@@ -147,15 +156,14 @@ def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_re
         command.append("--no-reuse")
     env = dict(os.environ)
     if device == "cuda":
-        visible = env.get("CUDA_VISIBLE_DEVICES") or ",".join(str(i) for i in range(torch.cuda.device_count()))
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible.split(",")[:gpus])
+        env["CUDA_VISIBLE_DEVICES"] = first_gpus(gpus)
         print(f"$ CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} " + " ".join(command), flush=True)
     else:
         command += ["--workers", "1"]
         print("$ " + " ".join(command), flush=True)
     every_core = os.sched_getaffinity(0)
-    if cores is not None:
-        os.sched_setaffinity(0, sorted(every_core)[:cores])
+    allowed = sorted(every_core)[:cores]  # all of them when cores is None
+    os.sched_setaffinity(0, allowed)
     started = time.perf_counter()
     try:
         with open(log, "w") as stderr:
@@ -186,7 +194,7 @@ def run_job(work: Path, models: dict[str, str], gpus: int, reads: list, shard_re
     dones = [stamp(e) for e in events if e.get("event") == "shard_done"]
     seconds = max(dones) - min(claims)
     warm_ups = [e["warm_up_seconds"] for e in events if e.get("event") == "engine_ready"]
-    result = {"gpus": gpus, "cores": cores or len(every_core), "reuse": reuse, "workers": len(workers), "reads": summary["reads"], "frames": summary["frames"],
+    result = {"gpus": gpus, "cores": len(allowed), "reuse": reuse, "workers": len(workers), "reads": summary["reads"], "frames": summary["frames"],
               "shards": summary["shards"], "seconds": round(seconds, 2), "frames_per_s": summary["frames"] / seconds,
               "wall_s": round(wall, 1), "warm_up_s": warm_ups, "per_worker": list(workers.values())}
     # what the timed window holds besides work: workers claiming their first shard, and
@@ -227,7 +235,7 @@ def cold_start_job(work: Path, models: dict[str, str], label: str, model_cache: 
         command.append("--compile")  # compile the CPU engine too, so that its cache plays a part
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(run_dir / "inductor"), "TRITON_CACHE_DIR": str(run_dir / "triton")}
     if device == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        env["CUDA_VISIBLE_DEVICES"] = first_gpus(1)
     print(f"$ TORCHINDUCTOR_CACHE_DIR={env['TORCHINDUCTOR_CACHE_DIR']} TRITON_CACHE_DIR={env['TRITON_CACHE_DIR']} "
           + " ".join(command), flush=True)
     started = time.time()
