@@ -115,10 +115,11 @@ def test_renewer_renews_every_third_of_a_lease_and_reports_a_refusal(tmp_path) -
             etags.append(store.get(KEY).etag)
         assert len(set(etags)) >= 2  # renewed while we watched
         thief = Claim(owner="thief", lease_seconds=9).to_json()
+        # Taken behind its back. A renewal between our read and our write refuses the theft:
+        # read again.
         deadline = time.monotonic() + 5
-        while store.replace(KEY, thief, store.get(KEY).etag) is None:  # taken behind its back; a renewal
-            assert time.monotonic() < deadline, "every theft lost to a renewal"  # between our read and
-            # our write refuses the theft: read again
+        while store.replace(KEY, thief, store.get(KEY).etag) is None:
+            assert time.monotonic() < deadline, "every theft lost to a renewal"
         deadline = time.monotonic() + 5
         while not lease.lost.is_set():
             assert time.monotonic() < deadline, "the refused renewal was not noticed"
