@@ -106,7 +106,10 @@ def open_frames(chunks: Sequence[Chunk]) -> list[list[Frame]]:
             ("R", reverse, reverse_residues, total - end, total - start),
         ):
             for offset in range(3):
-                protein = residues[lo + offset : hi - 2 : 3]
+                # Codons that start at lo + offset .. hi - 3. For a chunk of under 3 bases at
+                # the batch's start, hi - 2 is negative: clamp it, or the slice would wrap
+                # round to the other chunks' residues.
+                protein = residues[lo + offset : max(hi - 2, 0) : 3]
                 if b"*" in protein:
                     continue
                 if _SKIPPED_BYTE in protein:

@@ -64,6 +64,24 @@ def test_every_length_matches_naive(c: int) -> None:
         assert got == want, length
 
 
+def test_a_batch_of_many_reads_gives_each_chunk_its_own_frames() -> None:
+    # The frames are cut from one translation of the whole batch: a chunk of 1-2 bases at
+    # either end must not pick up its neighbours' residues (a 1-base read first in a batch
+    # once took every forward frame of the reads after it).
+    rng = random.Random(7)
+    for trial in range(300):
+        lengths = [rng.choice([1, 2, 3, 4, 5, 6, 7, 20, 301, 650]) for _ in range(rng.randint(1, 6))]
+        chunks = [
+            chunk
+            for n, length in enumerate(lengths)
+            for chunk in chunk_record(f"r{n}", "".join(rng.choice("ACGT") for _ in range(length)), 300)
+        ]
+        got = [(f.id, f.nucleotide, f.protein) for kept in open_frames(chunks) for f in kept]
+        want = [t for ch in chunks for t in naive_frames(ch.id, ch.sequence)]
+        assert got == want, lengths
+    assert open_frames(chunk_record("a", "A", 300) + chunk_record("b", "ATGAAACCCGGGTTTATG", 300))[0] == []
+
+
 def test_open_forward_and_reverse_frames_and_skipped_codons() -> None:
     # stop-free in all frames but F1 carries an N codon and R frames exist too
     seq = "ATGGCNGCTGCAaaaGGG"
