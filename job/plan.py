@@ -55,7 +55,7 @@ from itertools import islice
 from typing import BinaryIO
 
 import numpy as np
-from isal import igzip
+from isal import igzip, isal_zlib
 
 from core.reads import GZIP_MAGIC, ReadsError, Record, read_records
 from core.scan import RecordScanner
@@ -255,21 +255,16 @@ def _sample(obj: InputObject, endpoint_url: str | None) -> tuple[int, bytes]:
         raw = stream.read()
     if raw[:2] != GZIP_MAGIC:
         return min(len(raw), SAMPLE_BYTES), raw[:SAMPLE_BYTES]
-    inflate = zlib.decompressobj(31)
     text, used = b"", 0
-    for start in range(0, len(raw), 65536):
-        chunk = raw[start:start + 65536]
+    while len(text) < SAMPLE_BYTES and raw[used:used + 2] == GZIP_MAGIC:  # each member (BGZF: many)
+        inflate = zlib.decompressobj(31)
         try:
-            text += inflate.decompress(chunk, SAMPLE_BYTES - len(text))
+            text += inflate.decompress(memoryview(raw)[used:], SAMPLE_BYTES - len(text))
         except zlib.error:
-            break
-        used = start + len(chunk) - len(inflate.unused_data) - len(inflate.unconsumed_tail)
-        if len(text) >= SAMPLE_BYTES:
-            break
-        if inflate.eof:  # multi-member or BGZF: the next member
-            rest = inflate.unused_data
-            inflate = zlib.decompressobj(31)
-            text += inflate.decompress(rest, SAMPLE_BYTES - len(text))
+            break  # a damaged stream: the plan pass names it
+        used = len(raw) - len(inflate.unused_data) - len(inflate.unconsumed_tail)
+        if not inflate.eof:
+            break  # the sample is full, or the bytes read end inside this member
     return max(used, 1), text
 
 
@@ -402,7 +397,7 @@ class Planner:
                     raise Interrupted("another starter took the planner claim over")
                 try:
                     block = text.read(SCAN_BLOCK)
-                except (OSError, EOFError, zlib.error) as exc:
+                except (OSError, EOFError, zlib.error, isal_zlib.error) as exc:
                     if not gzip or (isinstance(exc, OSError) and exc.errno is not None):
                         raise  # the disk or the network, not the file
                     raise ReadsError(

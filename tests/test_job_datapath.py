@@ -266,3 +266,23 @@ def test_a_truncated_gzip_input_is_a_plan_error_naming_the_file(tmp_path: Path) 
                  SETTINGS, 100, None, threading.Event())
     assert json.loads(LocalStore(str(tmp_path / "out")).get(job.plan.ERROR_KEY).data)["error"].startswith(
         f"{tmp_path / 'cut.fa.gz'}, line ")
+
+
+@pytest.mark.parametrize("damage", ["a flipped byte in the deflate data", "bytes that are not gzip after the stream"])
+def test_a_damaged_gzip_input_is_a_plan_error_with_the_automatic_shard_size(tmp_path: Path, damage: str) -> None:
+    packed = gzip.compress(reads_text(2000, seed=7), mtime=0)
+    if damage.startswith("a flipped"):
+        packed = packed[:10] + bytes([packed[10] ^ 0x07]) + packed[11:]
+    else:
+        packed += b"garbage\n"
+    (tmp_path / "bad.fa.gz").write_bytes(packed)
+    with pytest.raises(BadInput, match=f"{tmp_path / 'bad.fa.gz'}, line [0-9]+: the gzip stream is damaged"):
+        plan_run(LocalStore(str(tmp_path / "out")), resolve_inputs((str(tmp_path / "bad.fa.gz"),), None),
+                 SETTINGS, None, None, threading.Event())
+
+
+def test_zero_padding_after_a_gzip_stream_is_ignored_as_gzip_does(tmp_path: Path) -> None:
+    (tmp_path / "padded.fa.gz").write_bytes(gzip.compress(reads_text(2000, seed=7)) + bytes(512))
+    plan = plan_run(LocalStore(str(tmp_path / "out")), resolve_inputs((str(tmp_path / "padded.fa.gz"),), None),
+                    SETTINGS, None, None, threading.Event())
+    assert plan.complete and plan.total_reads == 2000
