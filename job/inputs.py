@@ -55,6 +55,7 @@ def resolve_inputs(uris: tuple[str, ...], endpoint_url: str | None) -> list[Inpu
     """Every input file named by `uris`, in argument order then sorted name order."""
     fs = s3.filesystem(endpoint_url) if any(s3.is_s3(uri) for uri in uris) else None
     objects: list[InputObject] = []
+    named: dict[str, str] = {}  # file -> the argument that named it
     for uri in uris:
         found = _s3_objects(fs, uri) if s3.is_s3(uri) else _local_objects(uri)
         if not found:
@@ -62,6 +63,18 @@ def resolve_inputs(uris: tuple[str, ...], endpoint_url: str | None) -> list[Inpu
                 f"input {uri} holds no read files (names ending in {', '.join(READ_SUFFIXES)}, "
                 "optionally .gz); name the files themselves or check the prefix"
             )
+        for obj in found:
+            if any(mark in obj.uri for mark in "\t\n\r"):
+                raise BadInput(
+                    f"input {obj.uri!r} has a tab or a line break in its name, which the TSV outputs "
+                    "cannot hold; rename the file"
+                )
+            if obj.uri in named:
+                raise BadInput(
+                    f"input {obj.uri} is named twice (by {named[obj.uri]} and by {uri}); name each file "
+                    "once, or its reads would be scored twice"
+                )
+            named[obj.uri] = uri
         objects.extend(found)
     return objects
 
@@ -146,7 +159,13 @@ def _is_reads(name: str) -> bool:
 def _local_objects(uri: str) -> list[InputObject]:
     path = Path(uri).expanduser().absolute()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_reads(p.name))
+        files = sorted(p for p in path.rglob("*") if _is_reads(p.name) and not p.is_dir())
+        for file in files:
+            if not file.is_file():
+                raise BadInput(
+                    f"input {file} (under {uri}) is not a readable file (a broken link?); fix or "
+                    "remove it, or name the files to read one by one"
+                )
     elif path.is_file():
         files = [path]
     else:

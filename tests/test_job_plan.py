@@ -105,6 +105,19 @@ def test_missing_and_empty_inputs(tmp_path: Path) -> None:
     assert plan.shards == () and plan.total_reads == 0 and plan.empty_inputs == (str(empty),)
 
 
+def test_inputs_named_twice_tabs_in_names_and_broken_links_are_refused(tmp_path: Path) -> None:
+    a = fasta(tmp_path / "a.fa", ["r1"])
+    with pytest.raises(BadInput, match=f"input {a} is named twice .*name each file once"):
+        resolve_inputs((str(a), str(tmp_path)), None)  # the file, then its directory
+    tabbed = fasta(tmp_path / "tab\tname.fa", ["r2"])
+    with pytest.raises(BadInput, match="has a tab or a line break in its name.*rename the file"):
+        resolve_inputs((str(tabbed),), None)
+    tabbed.unlink()
+    (tmp_path / "gone.fq").symlink_to(tmp_path / "nowhere.fq")
+    with pytest.raises(BadInput, match=f"input {tmp_path / 'gone.fq'} \\(under {tmp_path}\\) is not a readable file"):
+        resolve_inputs((str(tmp_path),), None)
+
+
 def test_concurrent_planners_agree_on_s3(bucket: str, tmp_path: Path) -> None:  # noqa: F811
     s3 = boto3.client("s3")
     s3.put_object(Bucket=bucket, Key="in/x.fa", Body=fasta(tmp_path / "x.fa", [f"r{i}" for i in range(50)]).read_bytes())
