@@ -268,6 +268,25 @@ def _sample(obj: InputObject, endpoint_url: str | None) -> tuple[int, bytes]:
     return max(used, 1), text
 
 
+def _read_text(text: BinaryIO, size: int) -> tuple[bytes, Exception | None]:
+    """Up to `size` bytes of text, and the error that cut them short, if one did.
+
+    Read in pieces, so that a damaged gzip stream still hands out the text before the damage
+    and the error can name the line it follows, not a line up to `size` bytes earlier.
+    """
+    pieces, have = [], 0
+    while have < size:
+        try:
+            piece = text.read(min(size - have, 2**16))
+        except (OSError, EOFError, zlib.error, isal_zlib.error) as exc:
+            return b"".join(pieces), exc
+        if not piece:
+            break
+        pieces.append(piece)
+        have += len(piece)
+    return b"".join(pieces), None
+
+
 def check_plan(plan: Plan, inputs: list[InputObject], settings: dict, output: str) -> None:
     """Refuse to resume a run whose inputs or result-changing arguments differ."""
     fix = f"restore them, or start a new run with another --output than {output}"
@@ -395,13 +414,17 @@ class Planner:
                     raise Interrupted("stopped while planning")
                 if self.lost is not None and self.lost.is_set():
                     raise Interrupted("another starter took the planner claim over")
-                try:
-                    block = text.read(SCAN_BLOCK)
-                except (OSError, EOFError, zlib.error, isal_zlib.error) as exc:
-                    if not gzip or (isinstance(exc, OSError) and exc.errno is not None):
-                        raise  # the disk or the network, not the file
+                block, damage = _read_text(text, SCAN_BLOCK)
+                if damage is not None:
+                    if not gzip or (isinstance(damage, OSError) and damage.errno is not None):
+                        raise damage  # the disk or the network, not the file
+                    try:  # the text before the damage: name the last record that starts in it
+                        lines = scanner.feed(block).lines
+                        last_line = int(lines[-1]) if len(lines) else last_line
+                    except ReadsError:
+                        pass
                     raise ReadsError(
-                        obj.uri, last_line, f"the gzip stream is damaged or truncated after this line ({exc})",
+                        obj.uri, last_line, f"the gzip stream is damaged or truncated after this line ({damage})",
                         "Re-download or re-compress the file; check it with `gzip -t`.",
                     ) from None
                 found = scanner.feed(block) if block else scanner.close()

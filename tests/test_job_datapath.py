@@ -258,12 +258,17 @@ def test_a_broken_s3_stream_is_resumed_where_it_stopped_at_the_planned_version(b
     assert all(r["IfMatch"] == obj.version for r in requests)
 
 
-def test_a_truncated_gzip_input_is_a_plan_error_naming_the_file(tmp_path: Path) -> None:
+def test_a_truncated_gzip_input_is_a_plan_error_naming_the_file_and_a_line_near_the_cut(tmp_path: Path) -> None:
     packed = gzip.compress(reads_text(2000, seed=7))
     (tmp_path / "cut.fa.gz").write_bytes(packed[: len(packed) // 2])
-    with pytest.raises(BadInput, match=f"{tmp_path / 'cut.fa.gz'}, line [0-9]+: the gzip stream is damaged"):
+    left = zlib.decompressobj(31).decompress(packed[: len(packed) // 2])  # the text before the cut
+    with pytest.raises(BadInput, match=f"{tmp_path / 'cut.fa.gz'}, line [0-9]+: the gzip stream is damaged") as error:
         plan_run(LocalStore(str(tmp_path / "out")), resolve_inputs((str(tmp_path / "cut.fa.gz"),), None),
                  SETTINGS, 100, None, threading.Event())
+    line = int(str(error.value).split(", line ")[1].split(":")[0])
+    # the last record header before the cut, give or take the 64 KiB the reader decompresses at a time
+    assert left[: len(left) - 2**16].count(b"\n") < line <= left.count(b"\n")
+    assert left.split(b"\n")[line - 1].startswith(b">")
     assert json.loads(LocalStore(str(tmp_path / "out")).get(job.plan.ERROR_KEY).data)["error"].startswith(
         f"{tmp_path / 'cut.fa.gz'}, line ")
 
