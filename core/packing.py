@@ -15,6 +15,9 @@ import torch
 from torch import Tensor
 
 MIN_BATCH_TOKENS = 1024  # the smallest budget derived from free GPU memory
+# CPU GEMMs (torch 2.13) take another kernel for fewer than 4 rows, which rounds differently:
+# a sequence packed alone in a batch that small would get other bits than in a larger one.
+MIN_BATCH_ROWS = 4
 
 
 @dataclass
@@ -22,7 +25,8 @@ class PackedBatch:
     """Sequences laid end to end.
 
     Sequence i owns rows cu_seqlens[i] : cu_seqlens[i+1] of `tokens` and `positions`,
-    and is the caller's sequence number order[i].
+    and is the caller's sequence number order[i]. Sequences past len(order) are filler
+    (`with_min_rows`), whose results are dropped.
     """
 
     tokens: Tensor  # int64 [total]
@@ -211,8 +215,27 @@ class PreparedBatches:
     count: int
 
 
+def with_min_rows(batch: PackedBatch) -> PackedBatch:
+    """The batch, or, when it has fewer than MIN_BATCH_ROWS rows, the batch with copies of its
+    first sequence appended as filler until it has that many: every real sequence then meets
+    the GEMM kernels of any larger batch, so its embedding does not depend on its batch."""
+    if batch.total >= MIN_BATCH_ROWS:
+        return batch
+    first = int(batch.cu_seqlens[1])
+    copies = -(-(MIN_BATCH_ROWS - batch.total) // first)
+    bounds = batch.cu_seqlens.tolist() + [batch.total + first * (k + 1) for k in range(copies)]
+    return PackedBatch(
+        tokens=torch.cat([batch.tokens] + [batch.tokens[:first]] * copies),
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        positions=torch.cat([batch.positions] + [batch.positions[:first]] * copies),
+        max_seqlen=batch.max_seqlen,
+        order=batch.order,
+        bounds=bounds,
+    )
+
+
 def prepare_batches(flat: np.ndarray, lengths: np.ndarray, budget: int, pin: bool) -> PreparedBatches:
-    batches = pack_flat(flat, lengths, budget) if len(lengths) else []
+    batches = [with_min_rows(b) for b in pack_flat(flat, lengths, budget)] if len(lengths) else []
     orders = [torch.tensor(b.order, dtype=torch.int64) for b in batches]
     if pin:
         batches = [b.pin_memory() for b in batches]
