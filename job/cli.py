@@ -17,7 +17,7 @@ from core.frames import KNOWN_CHUNK_LENGTHS
 from core.errors import UserError
 from job import exit_codes
 from job.config import RunConfig
-from job.log import configure, get_logger
+from job.log import configure, get_logger, redact
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-        print(f"virnucpro: error: {exc}", file=sys.stderr)
+        print(f"virnucpro: error: {redact(str(exc))}", file=sys.stderr)
         return exit_codes.BAD_INPUT
 
 
@@ -202,10 +202,17 @@ def _int_env(environ: Mapping[str, str], name: str) -> int | None:
 def _status(args: argparse.Namespace) -> int:
     import json
 
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from job.status import run_status
     from job.store import open_store
 
-    status = run_status(open_store(args.output, args.s3_endpoint_url))
+    try:
+        status = run_status(open_store(args.output, args.s3_endpoint_url))
+    except (ClientError, BotoCoreError, OSError) as exc:
+        print(f"virnucpro: error: cannot read the run at {args.output} ({redact(f'{type(exc).__name__}: {exc}')}); "
+              "check the URI, --s3-endpoint-url and the credentials", file=sys.stderr)
+        return exit_codes.BAD_INPUT
     if status is None:
         print(f"virnucpro: error: no run under {args.output} (no plan yet); check the URI", file=sys.stderr)
         return exit_codes.BAD_INPUT

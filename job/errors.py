@@ -37,7 +37,9 @@ def disk_error_code(exc: BaseException) -> int | None:
 
 def disk_error_message(exc: OSError) -> str:
     """One line for a local disk error: what, where, and what to do."""
-    where = f" writing {exc.filename}" if exc.filename else ""
+    # A copy or rename names its source first and its destination, the disk written, second.
+    target = exc.filename2 or exc.filename
+    where = f" writing {target}" if target else ""
     if exc.errno in _DISK_FULL:
         return f"no space left on the local disk{where}; free space (or use a larger disk) and rerun the same command"
     return f"cannot write to the local disk{where} ({exc.strerror}); make it writable and rerun the same command"

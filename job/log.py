@@ -4,13 +4,39 @@ person at a terminal, only warnings and errors as readable lines beside a progre
 core/ logs through the standard library (it must not depend on the job); `configure` routes
 those records, warnings and up, into the same stream and format (event = the message,
 `logger` = where it came from), so a platform's log parser sees one format.
+
+Credentials written into a URL (`--s3-endpoint-url http://user:secret@host`) reach error
+messages through the libraries that use it: every string logged, and every error printed,
+has them replaced by *** first (`redact`), as entrypoint.sh does for the command line; so
+has the traceback of an error nothing caught.
 """
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import threading
+import traceback
 
 import structlog
+
+
+# scheme://user:password@ up to the last @ of the URL (passwords are not always escaped)
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/'\"@]*(?:@[^\s/'\"@]*)*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of any URL in it replaced by ***."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
+
+
+def _redacted(_logger: object, _method: str, event: dict) -> dict:
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = redact(value)
+        elif isinstance(value, (list, tuple)):
+            event[key] = [redact(item) if isinstance(item, str) else item for item in value]
+    return event
 
 
 def for_people(log_format: str = "json") -> bool:
@@ -31,6 +57,7 @@ def configure(log_format: str = "json") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redacted,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING if people else logging.INFO),
@@ -39,9 +66,22 @@ def configure(log_format: str = "json") -> None:
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+    sys.excepthook = _print_redacted
+    threading.excepthook = _print_redacted_thread
     root = logging.getLogger()
     root.handlers = [handler for handler in root.handlers if not isinstance(handler, _StdlibToStructlog)]
     root.addHandler(_StdlibToStructlog(logging.WARNING))
+
+
+def _print_redacted(kind: type[BaseException], value: BaseException | None, tb: object) -> None:
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, value, tb))))  # type: ignore[arg-type]
+
+
+def _print_redacted_thread(hook: threading.ExceptHookArgs) -> None:
+    if hook.exc_type is SystemExit:
+        return
+    sys.stderr.write(f"Exception in thread {hook.thread.name if hook.thread else '?'}:\n")
+    _print_redacted(hook.exc_type, hook.exc_value, hook.exc_traceback)
 
 
 class _StdlibToStructlog(logging.Handler):

@@ -22,13 +22,13 @@ import torch
 
 from core.errors import ModelLoadError, without_unsafe_advice
 from job import exit_codes
-from job.errors import disk_error_code
+from job.errors import disk_error_code, disk_error_message
 from job.lease import ExpiryObserver
 from job.merge import SUCCESS, MergeClaim, MergeInputs, merge
 from job.plan import load_plan, shard_records
 from job.shards import claim, read_shard
 from job.store import LocalStore
-from job_support import FINAL_FILES, REPO, JobProcess, run_args, subprocess_env, virnucpro, write_reads
+from job_support import FINAL_FILES, REPO, JobProcess, run_args, s3_endpoint, subprocess_env, virnucpro, write_reads  # noqa: F401 (fixture)
 from test_job_lease import FakeClock
 from test_job_worker import DIM, FakePredictor, make_run, work
 
@@ -338,6 +338,36 @@ def test_disk_errors_map_to_75_or_65() -> None:
     assert disk_error_code(OSError(errno.EROFS, "read-only")) == 65
     assert disk_error_code(OSError(errno.ECONNRESET, "reset")) is None
     assert disk_error_code(ValueError("x")) is None
+
+
+def test_a_full_disk_names_the_destination_of_a_copy() -> None:
+    # shutil.copyfile's error when the destination's disk fills (LocalStore.upload at the merge):
+    # the source first, the destination second
+    full = OSError(errno.ENOSPC, "No space left on device", "/tmp/merge-1/reads.tsv", None, "/out/.reads.tsv.tmp")
+    assert disk_error_message(full).startswith("no space left on the local disk writing /out/.reads.tsv.tmp;")
+    assert "writing /out/x" in disk_error_message(OSError(errno.ENOSPC, "full", "/out/x"))
+
+
+def test_url_credentials_are_redacted_in_log_events_and_uncaught_tracebacks() -> None:
+    script = (
+        "from job.log import configure, get_logger; configure()\n"
+        "get_logger().error('unusable', error='EndpointConnectionError: \"http://key:SecretPass99@127.0.0.1:9/b\"')\n"
+        "raise RuntimeError('no route to https://key:Secret@Pass99@127.0.0.1:9/b')\n"
+    )
+    out = run([sys.executable, "-c", script])
+    assert out.returncode == 1 and "Traceback" in out.stderr
+    assert "SecretPass99" not in out.stderr and "Pass99" not in out.stderr, out.stderr
+    assert '"http://***@127.0.0.1:9/b' in out.stderr and "https://***@127.0.0.1:9/b" in out.stderr, out.stderr
+
+
+def test_status_of_a_missing_bucket_is_one_line_and_credentials_in_the_endpoint_are_never_printed(
+    s3_endpoint: str,  # noqa: F811
+) -> None:
+    endpoint = s3_endpoint.replace("http://", "http://keyuser:SecretPass99@")
+    out = run(virnucpro("status", "--output", "s3://no-such-bucket/out", "--s3-endpoint-url", endpoint))
+    assert out.returncode == 65, out.stderr
+    assert "SecretPass99" not in out.stdout + out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert one_line_error(out.stderr).startswith("virnucpro: error: cannot read the run at s3://no-such-bucket/out")
 
 
 FULL_DISK_AT_MERGE = """
