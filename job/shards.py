@@ -121,9 +121,11 @@ class ShardLease(Lease[ShardState]):
 
         return self.update(changes)
 
-    def release(self) -> bool:  # type: ignore[override]
-        """Give the shard back unfinished (the worker is stopping); its parts stay committed."""
-        return super().release()
+    def release(self, processed: int = 0) -> bool:  # type: ignore[override]
+        """Give the shard back unfinished (the worker is stopping); its parts stay committed.
+        `processed`: the reads scored so far, committed or not (the next holder counts the
+        uncommitted ones as redone)."""
+        return super().release(processed=max(self.state.processed, processed))
 
     def fail(self, error: str, max_attempts: int) -> bool:
         """Record a failed attempt; after `max_attempts` of them the shard is failed for good."""

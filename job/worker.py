@@ -147,6 +147,7 @@ class Worker:
         self.owner = f"{owner_prefix(os.getpid())}{uuid.uuid4().hex[:6]}"
         self.log = get_logger(run_id=plan.run_id, worker=self.owner)
         self.current: ShardLease | None = None  # the lease held now, for stop_now()
+        self.renewer: _ShardRenewer | None = None  # its renewer: the reads scored so far
         self.writing = threading.Lock()  # held while a part is written and committed
         self.sequences: deque[str] = deque()  # with --write-viral-reads: letters of the reads scored, not yet committed
         self.scored = False  # whether any read was scored yet (the first is logged)
@@ -228,8 +229,8 @@ class Worker:
         log = self.log.bind(shard=shard.index, attempt=lease.state.attempt)
         skip = lease.state.reads_done
         log.info("shard_claimed", reads=shard.reads, committed=skip)
-        self.current = lease
         renewer = _ShardRenewer(lease, skip, log)
+        self.current, self.renewer = lease, renewer
         renewer.start()
         try:
             records = iter(shard_records(self.plan, shard, self.config.s3_endpoint_url, self.store))
@@ -242,7 +243,7 @@ class Worker:
                 log.warning("lease_lost", message="another worker took this shard over; dropping it")
             elif lease.state.done:
                 log.info("shard_done", reads=shard.reads)
-            elif lease.release():
+            elif lease.release(renewer.processed):
                 log.info("shard_released", committed=lease.state.reads_done, reads=shard.reads)
         except BadInput:  # not the shard's fault: give it back and stop
             lease.release()
@@ -257,15 +258,15 @@ class Worker:
                 log.error("shard_failed", attempts=len(lease.state.errors))
         finally:
             renewer.stop()
-            self.current = None
+            self.current = self.renewer = None
 
     def stop_now(self) -> None:
         """Give back the lease held now, without waiting for the group in flight (the grace
         period is ending); the caller then exits. A part being written is finished first."""
         acquired = self.writing.acquire(timeout=max(1.0, self.config.grace_seconds * (1 - GRACE_SHARE) / 2))
-        lease = self.current
+        lease, renewer = self.current, self.renewer
         if lease is not None and not lease.released and not lease.lost.is_set():
-            _release_quietly(lease)
+            _release_quietly(lease, renewer.processed if renewer is not None else 0)
             self.log.warning(
                 "shard_released", shard=lease.state.index, committed=lease.state.reads_done,
                 message="stopped within the grace period; the unfinished group is redone later",
@@ -367,9 +368,9 @@ def _remembered(records: Iterator[Record], sequences: deque[str]) -> Iterator[Re
         yield record
 
 
-def _release_quietly(lease: ShardLease) -> None:
+def _release_quietly(lease: ShardLease, processed: int = 0) -> None:
     try:
-        lease.release()
+        lease.release(processed)
     except Exception as exc:  # noqa: BLE001 - it then expires; the stop goes on
         get_logger().warning("lease_release_failed", shard=lease.state.index, error=f"{type(exc).__name__}: {exc}")
 

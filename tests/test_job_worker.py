@@ -20,10 +20,11 @@ from core.pipeline import ReadResult
 from job.config import RunConfig
 from job.errors import BadInput
 from job.inputs import resolve_inputs
+from job.lease import ExpiryObserver
 from job.merge import FAILED, SUCCESS, MergeClaim, MergeInputs, merge, read_marker
 from job.parts import decode_rows, lines
 from job.plan import plan_run
-from job.shards import read_shard
+from job.shards import claim, read_shard
 from job.store import LocalStore
 from job.worker import Worker, WorkerSpec, claim_order
 
@@ -258,3 +259,25 @@ def test_a_working_shard_renews_its_lease_and_logs_progress(monkeypatch) -> None
     renewer.stop()
     assert len(lease.renewals) >= 2 and set(lease.renewals) == {7}
     assert ("shard_progress", {"processed": 7, "committed": 0}) in log.events
+
+
+def test_a_stop_mid_group_records_the_reads_scored_so_the_next_holder_counts_them_redone(tmp_path: Path) -> None:
+    from job.plan import load_plan
+
+    run, store = make_run(tmp_path, 10, shard_reads=10, group_reads=5, checkpoint_seconds=1000.0)
+    stop = threading.Event()
+
+    class StoppedInTheFirstGroup(FakePredictor):
+        def _score(self, records: list[Record], with_features: bool) -> Iterator[ReadResult]:
+            for n, result in enumerate(super()._score(records, with_features)):
+                if n == 3:  # three reads scored, none committed: the grace period ends
+                    stop.set()
+                    worker.stop_now()
+                yield result
+
+    worker = Worker(WorkerSpec(run, 0, 1, 0), store, load_plan(store), StoppedInTheFirstGroup(5), "cpu", stop)  # type: ignore[arg-type]
+    worker.run()
+    state, _ = read_shard(store, 0)
+    assert (state.owner, state.reads_done, state.processed) == (None, 0, 3)
+    heir = claim(store, 0, "heir", 60, "cpu", ExpiryObserver())
+    assert heir is not None and heir.state.redone_reads == 3 and heir.state.interruptions == 1
