@@ -113,9 +113,11 @@ class _BatchRun:
             _check_writable(store, self.owner)
         inputs = resolve_inputs(self.config.inputs, self.endpoint)
         models = {
-            name: localize_model(getattr(self.config, name), self.config.model_cache, self.endpoint)
+            name: localize_model(getattr(self.config, name), self.config.model_cache, self.endpoint, self.stop)
             for name in ("esm_model", "dnabert_model", "classifier")
         }
+        if self.stop.is_set():  # no worker is started once stopped
+            raise Interrupted("stopped during start-up")
         # The workers get the user's config with the models made local (downloaded from S3 and
         # checksummed once here, so every worker loads the same bytes): nothing else differs.
         worker_config = replace(

@@ -25,13 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from botocore.exceptions import ClientError
+
 from job import s3
-from job.errors import BadInput
+from job.errors import BadInput, Interrupted
 
 if TYPE_CHECKING:
     from core.model_cache import WeightsCache
 
 _BLOCK = 8 * 2**20
+STALE_STAGING_SECONDS = 3600  # a staging directory unchanged this long belongs to a killed download
 RACY_SECONDS = 2  # coarser than any file system clock tick the model cache may sit on
 CHECKS_VERSION = 1  # bump when core.pipeline.check_models checks something new: earlier answers are unused
 
@@ -49,9 +52,12 @@ class LocalModel:
         return {"sha256": self.sha256} if self.sha256 else {"name": self.source}
 
 
-def localize_model(source: str, cache_dir: str, endpoint_url: str | None) -> LocalModel:
+def localize_model(
+    source: str, cache_dir: str, endpoint_url: str | None, stop: threading.Event | None = None,
+) -> LocalModel:
+    """The model on this machine; an `s3://` download gives up (Interrupted) once `stop` is set."""
     if s3.is_s3(source):
-        path, digest = _download(source, Path(cache_dir).expanduser(), endpoint_url)
+        path, digest = _download(source, Path(cache_dir).expanduser(), endpoint_url, stop or threading.Event())
         return LocalModel(source, str(path), digest)
     path = Path(source).expanduser()
     if path.exists():
@@ -124,8 +130,15 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download(uri: str, cache_dir: Path, endpoint_url: str | None) -> tuple[Path, str]:
-    """The cached copy of `uri` (downloaded when missing or changed) and its sha256."""
+def _download(uri: str, cache_dir: Path, endpoint_url: str | None, stop: threading.Event) -> tuple[Path, str]:
+    """The cached copy of `uri` (downloaded when missing or changed) and its sha256.
+
+    A download is staged in a directory of its own beside the entry and renamed into place
+    when complete, so a copy is whole or absent. Each object is read at the ETag listed (GET
+    If-Match), so the copy is the version the manifest records. A stop between blocks ends
+    the download with its staging directory removed; one left by a killed process is removed
+    by the next download of the same model once it has not changed for STALE_STAGING_SECONDS.
+    """
     fs = s3.filesystem(endpoint_url)
     remote = uri.removeprefix("s3://").rstrip("/")
     if fs.isfile(remote):
@@ -140,20 +153,50 @@ def _download(uri: str, cache_dir: Path, endpoint_url: str | None) -> tuple[Path
     manifest = entry / "manifest.json"
     if cached := _cached(manifest, etags):
         return target, cached
+    _remove_stale_staging(cache_dir, entry.name)
     staging = cache_dir / f".{entry.name}.{uuid.uuid4().hex}"
     staged = staging / target.name
-    for name in files:
-        local = staged / name if name else staged
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(f"{remote}/{name}" if name else remote, str(local))
-    digest = sha256_path(staged)
-    (staging / "manifest.json").write_text(json.dumps({"uri": uri, "etags": etags, "sha256": digest}))
+    client = s3.client(endpoint_url)
+    try:
+        for name in files:
+            local = staged / name if name else staged
+            local.parent.mkdir(parents=True, exist_ok=True)
+            bucket, key = s3.split_uri(f"s3://{remote}/{name}" if name else f"s3://{remote}")
+            try:
+                body = client.get_object(Bucket=bucket, Key=key, IfMatch=etags[name])["Body"]
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412"):
+                    raise
+                raise BadInput(f"model {uri} changed while it was being downloaded; rerun the same command") from None
+            with open(local, "wb") as out:
+                for block in body.iter_chunks(_BLOCK):
+                    if stop.is_set():
+                        raise Interrupted(f"stopped while downloading {uri}")
+                    out.write(block)
+        digest = sha256_path(staged)
+        (staging / "manifest.json").write_text(json.dumps({"uri": uri, "etags": etags, "sha256": digest}))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if _cached(manifest, etags):  # another process on this machine finished first
         shutil.rmtree(staging, ignore_errors=True)
         return target, digest
     shutil.rmtree(entry, ignore_errors=True)  # a stale copy: the object changed
     os.rename(staging, entry)
     return target, digest
+
+
+def _remove_stale_staging(cache_dir: Path, entry: str) -> None:
+    """Remove the staging directories of this entry that nothing wrote to for
+    STALE_STAGING_SECONDS: their downloads were killed (a live one writes every second, and
+    hashing even ESM-2 3B's 11 GB takes well under that)."""
+    for staging in cache_dir.glob(f".{entry}.*"):
+        try:
+            newest = max((p.stat().st_mtime for p in staging.rglob("*")), default=staging.stat().st_mtime)
+        except OSError:  # removed meanwhile
+            continue
+        if time.time() - newest > STALE_STAGING_SECONDS:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _cached(manifest: Path, etags: dict[str, str]) -> str | None:

@@ -26,7 +26,7 @@ from core.model_cache import (
     write_weights,
 )
 from job.models import sha256_path
-from job_support import JobProcess, run_args, subprocess_env, write_reads
+from job_support import JobProcess, bucket, run_args, s3_endpoint, subprocess_env, write_reads  # noqa: F401 (fixtures)
 
 CPU = torch.device("cpu")
 PROTEINS = ["MKVLAAGIVGLLLA" * 3, "ACDEFGHIKLMNPQRSTVWY", "M<mask>KLV"]
@@ -337,6 +337,32 @@ def test_a_local_model_is_checksummed_through_the_memo(models, tmp_path):
 
     model = localize_model(str(models["esm"]), str(tmp_path / "cache"), None)
     assert model.sha256 == sha256_path(models["esm"])
+
+
+def test_an_s3_download_stops_when_asked_and_leaves_no_copy_and_stale_copies_go(bucket, tmp_path):  # noqa: F811
+    import boto3
+
+    import job.models
+    from job.errors import Interrupted
+    from job.models import localize_model
+
+    body = os.urandom(3 * 2**20)
+    boto3.client("s3").put_object(Bucket=bucket, Key="models/m.pt", Body=body)
+    uri, cache = f"s3://{bucket}/models/m.pt", tmp_path / "cache"
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted, match=f"stopped while downloading {uri}"):
+        localize_model(uri, str(cache), None, stop)
+    assert list(cache.iterdir()) == []  # the staging directory went with the stop
+    entry = job.models.hashlib.sha256(uri.encode()).hexdigest()[:16]
+    killed, live = cache / f".{entry}.killed", cache / f".{entry}.live"  # left by a killed download / being written
+    for staging in (killed, live):
+        staging.mkdir()
+        (staging / "m.pt").write_bytes(b"part")
+    hour_ago = time.time() - job.models.STALE_STAGING_SECONDS - 60
+    os.utime(killed / "m.pt", (hour_ago, hour_ago))
+    model = localize_model(uri, str(cache), None, threading.Event())
+    assert Path(model.path).read_bytes() == body and not killed.exists() and live.exists()
 
 
 def test_the_predictor_loads_both_encoders_from_their_caches_at_once(demo_models, tmp_path):
