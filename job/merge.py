@@ -323,6 +323,9 @@ def _assemble(
     if (short := stats.short_reads_warning()) is not None:
         summary["short_reads_warning"] = short
         get_logger(run_id=plan.run_id).warning("short_reads", message=short)
+    if (repeated := stats.duplicate_ids_warning()) is not None:
+        summary["duplicate_ids_warning"] = repeated
+        get_logger(run_id=plan.run_id).warning("duplicate_ids", message=repeated)
     (tmp / SUMMARY).write_text(stats.tsv())
     uploads.submit(SUMMARY)
     return summary, stats

@@ -32,7 +32,7 @@ def render_report(
     """The whole page, as text."""
     total = stats.total()
     warnings = [
-        summary.get(key) for key in ("warning", "short_reads_warning", "empty_inputs_warning") if summary.get(key)
+        summary.get(key) for key in ("warning", "short_reads_warning", "duplicate_ids_warning", "empty_inputs_warning") if summary.get(key)
     ]
     if summary["failed_shards"]:
         failed = sum(shard["reads"] for shard in summary["failed_shards"])

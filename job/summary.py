@@ -21,6 +21,10 @@ RUN_ROW = "(all inputs)"
 # A read is "much shorter" than the classifier's chunk length below half of it: such a read
 # yields one short chunk, and the design's accuracy there is near chance (see SHORT_READS_FACT).
 SHORT_SHARE_WARNING = 0.10  # warn when at least this share of an input's reads is much shorter
+# Warn when at least this share of an input's reads repeat ids met earlier in the run: the
+# second file of a pair whose headers carry no mate number (SRA's dumps write the same header
+# in both files) loses every read to duplicate_id.
+DUPLICATE_SHARE_WARNING = 0.5
 SHORT_READS_FACT = (
     "a benchmark report in the Broad Institute's fork of VirNucPro measured this design on "
     "150-bp reads at about 0.53 accuracy and ROC-AUC 0.55-0.67 (near chance), against about "
@@ -140,6 +144,23 @@ class RunStats:
             f"reads much shorter than the classifier's {self.chunk_length}-bp chunks (under "
             f"{self.chunk_length // 2} bp) in {', '.join(flagged)}: their calls are unreliable; "
             f"{SHORT_READS_FACT}. Assemble short reads into contigs first, or read their calls with care"
+        )
+
+
+    def duplicate_ids_warning(self) -> str | None:
+        """The warning when most reads of an input repeat ids met earlier, with the likely cause and the fix."""
+        flagged = [
+            f"{name} ({100 * stats.outcomes['none:duplicate_id'] / stats.reads:.0f}% of {stats.reads} reads)"
+            for name, stats in self.inputs.items()
+            if stats.reads and stats.outcomes["none:duplicate_id"] >= DUPLICATE_SHARE_WARNING * stats.reads
+        ]
+        if not flagged:
+            return None
+        return (
+            f"reads whose ids were met earlier in the run are listed as duplicate_id and not scored, in "
+            f"{', '.join(flagged)}: if that is the second file of a pair whose headers carry no mate "
+            "number (SRA's dumps write one header for both mates), give the mates distinct ids ending "
+            "in /1 and /2 and run again into another --output"
         )
 
 

@@ -163,6 +163,24 @@ def test_short_reads_are_warned_about_with_the_fact_behind_it(tmp_path: Path, le
         assert "under 250 bp" in success["short_reads_warning"] and "s.fa (100% of 6 reads)" in success["short_reads_warning"]
 
 
+@pytest.mark.parametrize(("mate_ids", "warned"), [(False, True), (True, False)])
+def test_a_pair_whose_mates_share_ids_is_warned_about(tmp_path: Path, mate_ids: bool, warned: bool) -> None:
+    pair = {
+        f"SRR1_{mate}.fa": [(f"SRR1.{i}/{mate}" if mate_ids else f"SRR1.{i}", 600) for i in range(4)]
+        for mate in (1, 2)
+    }
+    run, store = start(tmp_path, pair, shard_reads=3, checkpoint_seconds=0.0)
+    with structlog.testing.capture_logs() as logged:
+        finish(run, store)
+    success = json.loads((Path(run.output) / "_SUCCESS").read_text())
+    report = (Path(run.output) / "report.html").read_text()
+    logged = [e for e in logged if e["event"] == "duplicate_ids" and e["log_level"] == "warning"]
+    assert ("duplicate_ids_warning" in success) == bool(logged) == ("ending in /1 and /2" in report) == warned
+    if warned:
+        assert f"in {tmp_path / 'SRR1_2.fa'} (100% of 4 reads):" in success["duplicate_ids_warning"]
+        assert "SRR1_1.fa" not in success["duplicate_ids_warning"]
+
+
 def test_report_for_an_empty_input(tmp_path: Path) -> None:
     run, store = start(tmp_path, {"empty.fa": []}, gpu_hour_price=3.0)
     marker, summary = finish(run, store)
