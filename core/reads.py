@@ -20,6 +20,10 @@ Read ids, paired-end mates included (`read_id` is the one place the rule lives):
 - otherwise a Casava 1.8+ description, whose first word matches ``[12]:[YN]:<digits>:``
   (``@name 1:N:0:ACGT`` / ``@name 2:N:0:ACGT``), makes the id ``name/1`` / ``name/2``.
 
+- otherwise, in one of the two files of a pair told by their names (``SRR1_1.fastq`` and
+  ``SRR1_2.fastq``; the job decides which files those are), ``/1`` or ``/2`` by the file
+  (`with_mate`): SRA's dumps write one header for both mates.
+
 So the two files of a pair give distinct ids and both mates are scored; the same id with
 the same mate twice is still a duplicate.
 
@@ -125,6 +129,12 @@ def read_id(header: bytes) -> bytes:
     if description[1:2] == b":" and not first.endswith(_MATES):
         return first + _mate_suffix(description)
     return first
+
+
+def with_mate(ident: bytes, mate: int) -> bytes:
+    """The id of a read of the file of mate `mate` (1 or 2) of a pair, 0 for a file of no pair:
+    `ident` (from `read_id`) with ``/mate`` appended unless it ends in ``/1`` or ``/2`` already."""
+    return ident if not mate or ident.endswith(_MATES) else ident + _MATE_SUFFIXES[mate]
 
 
 @functools.lru_cache(maxsize=4096)  # a file's Casava descriptions mostly repeat: one per mate and index

@@ -15,6 +15,7 @@ run stops with the changed-input error (exit 65).
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -77,6 +78,33 @@ def resolve_inputs(uris: tuple[str, ...], endpoint_url: str | None) -> list[Inpu
             named[obj.uri] = uri
         objects.extend(found)
     return objects
+
+
+# A file of a pair by its name: <head><1|2><rest>, the rest only an optional lane-style
+# number and extensions (_001.fastq.gz, .fq), the head ending in a separator, R, or both
+# (sample_R1_001.fastq.gz, SRR1_1.fastq, reads.1.fa, R1.fq.gz).
+_MATE_REST = re.compile(r"(?:_\d+)?(?:\.[A-Za-z]+)+")
+_MATE_HEAD = re.compile(r"(?:.*[._-])?R?")
+
+
+def pair_mates(objects: list[InputObject]) -> tuple[int, ...]:
+    """Per input, 1 or 2 when it is a file of a pair told by its name whose other file is an
+    input too (same folder or prefix, the name with the other mate number), else 0.
+
+    Reads of such a file whose header gives no mate take it from the file (core.reads.
+    with_mate): without it, the two files of an SRA dump share every id and R2 would be
+    all duplicates."""
+    uris = {obj.uri for obj in objects}
+    return tuple(_mate_by_name(obj.uri, uris) for obj in objects)
+
+
+def _mate_by_name(uri: str, uris: set[str]) -> int:
+    folder, _, name = uri.rpartition("/")
+    for at, char in enumerate(name):
+        if char in "12" and _MATE_HEAD.fullmatch(name[:at]) and _MATE_REST.fullmatch(name[at + 1:]):
+            if f"{folder}/{name[:at]}{3 - int(char)}{name[at + 1:]}" in uris:
+                return int(char)
+    return 0
 
 
 def stat_input(obj: InputObject, endpoint_url: str | None) -> InputObject:

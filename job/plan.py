@@ -57,10 +57,10 @@ from typing import BinaryIO
 import numpy as np
 from isal import igzip, isal_zlib
 
-from core.reads import GZIP_MAGIC, ReadsError, Record, read_records
+from core.reads import GZIP_MAGIC, ReadsError, Record, read_records, with_mate
 from core.scan import RecordScanner
 from job.errors import BadInput, Interrupted
-from job.inputs import InputChanged, InputObject, open_input, stat_input
+from job.inputs import InputChanged, InputObject, open_input, pair_mates, stat_input
 from job.log import get_logger
 from job.seen import SeenIds
 from job.store import Store
@@ -129,6 +129,12 @@ class Plan:
     complete: bool = False
     empty_inputs: tuple[str, ...] = ()  # inputs that held no read (warned about)
     error: str | None = None  # the scan stopped on malformed input
+    # per input, the mate its name gives it as a file of a pair (job.inputs.pair_mates), for
+    # reads whose header gives none; () in a plan of a release before, where no file gave one
+    mates: tuple[int, ...] = ()
+
+    def mate(self, input_number: int) -> int:
+        return self.mates[input_number] if self.mates else 0
 
     @property
     def total_reads(self) -> int:
@@ -145,6 +151,7 @@ class Plan:
             "inputs": [obj.fingerprint() for obj in self.inputs],
             "settings": self.settings,
             "shard_reads": self.shard_reads,
+            "mates": list(self.mates),
         }
         return json.dumps(body, separators=(",", ":")).encode()
 
@@ -163,6 +170,7 @@ class Plan:
             settings=body["settings"],
             shard_reads=body["shard_reads"],
             created_at=body["created_at"],
+            mates=tuple(body.get("mates", ())),
         )
 
 
@@ -202,7 +210,7 @@ def plan_header(
         reads = shard_reads or auto_shard_reads(inputs, endpoint_url)
         identity = json.dumps([[o.fingerprint() for o in inputs], settings, reads], sort_keys=True)
         run_id = hashlib.sha256(identity.encode()).hexdigest()[:12]
-        fresh = Plan(run_id, tuple(inputs), settings, reads, time.time())
+        fresh = Plan(run_id, tuple(inputs), settings, reads, time.time(), mates=pair_mates(inputs))
         if store.create(PLAN_KEY, fresh.header_json()) is not None:
             return fresh
         stored = store.get(PLAN_KEY)  # another starter planned first: adopt its plan
@@ -400,6 +408,7 @@ class Planner:
         gzip = raw.peek(2)[:2] == GZIP_MAGIC
         text: BinaryIO = igzip.GzipFile(fileobj=raw, mode="rb") if gzip else raw  # type: ignore[assignment]
         scanner = RecordScanner(obj.uri)
+        mate = self.plan.mate(number)
         window = bytearray()  # gzip: the text from the open segment's first read on
         window_base = 0  # text offset of window[0]
         position = 0  # text bytes fed to the scanner
@@ -434,7 +443,7 @@ class Planner:
                 offsets, lines, count = found.offsets, found.lines, len(found.offsets)
                 if count:
                     last_line = int(lines[-1])
-                repeats = self.seen.add(found.ids)
+                repeats = self.seen.add(found.ids if not mate else [with_mate(i, mate) for i in found.ids])
                 i = 0
                 while i < count:
                     if full_at is not None:  # the filled shard ends where this read starts
@@ -508,7 +517,10 @@ def shard_records(plan: Plan, shard: Shard, endpoint_url: str | None, store: Sto
     for segment in shard.segments:
         obj = plan.inputs[segment.input]
         with _segment_text(obj, segment, endpoint_url, store) as stream:
+            mate = plan.mate(segment.input)
             for record in islice(read_records(stream, obj.uri, segment.line), segment.count):
+                if mate:
+                    record = replace(record, id=with_mate(record.id.encode(), mate).decode())
                 if position in duplicates:
                     record = replace(record, status="duplicate_id")
                 yield record

@@ -22,8 +22,8 @@ RUN_ROW = "(all inputs)"
 # yields one short chunk, and the design's accuracy there is near chance (see SHORT_READS_FACT).
 SHORT_SHARE_WARNING = 0.10  # warn when at least this share of an input's reads is much shorter
 # Warn when at least this share of an input's reads repeat ids met earlier in the run: the
-# second file of a pair whose headers carry no mate number (SRA's dumps write the same header
-# in both files) loses every read to duplicate_id.
+# second file of a pair whose headers carry no mate number, and whose names do not tell the
+# mates apart (job.inputs.pair_mates), loses every read to duplicate_id.
 DUPLICATE_SHARE_WARNING = 0.5
 SHORT_READS_FACT = (
     "a benchmark report in the Broad Institute's fork of VirNucPro measured this design on "
@@ -159,8 +159,8 @@ class RunStats:
         return (
             f"reads whose ids were met earlier in the run are listed as duplicate_id and not scored, in "
             f"{', '.join(flagged)}: if that is the second file of a pair whose headers carry no mate "
-            "number (SRA's dumps write one header for both mates), give the mates distinct ids ending "
-            "in /1 and /2 and run again into another --output"
+            "number, name the two files as a pair (x_1 and x_2, or x_R1 and x_R2, before the "
+            "extensions) or give the mates ids ending in /1 and /2, and run again into another --output"
         )
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import threading
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 
 from core.reads import mark_duplicates, open_records as open_fasta
 from job.errors import BadInput
-from job.inputs import resolve_inputs
-from job.plan import Segment, load_plan, plan_run, shard_records
+from job.inputs import InputObject, pair_mates, resolve_inputs
+from job.plan import Plan, Segment, load_plan, plan_run, shard_records
 from job.store import LocalStore, open_store
 from job_support import bucket, s3_endpoint  # noqa: F401 (fixtures)
 
@@ -116,6 +117,26 @@ def test_inputs_named_twice_tabs_in_names_and_broken_links_are_refused(tmp_path:
     (tmp_path / "gone.fq").symlink_to(tmp_path / "nowhere.fq")
     with pytest.raises(BadInput, match=f"input {tmp_path / 'gone.fq'} \\(under {tmp_path}\\) is not a readable file"):
         resolve_inputs((str(tmp_path),), None)
+
+
+def test_the_files_of_a_pair_are_told_by_their_names_and_a_plan_of_before_has_no_mates(tmp_path: Path) -> None:
+    def mates(*names: str) -> tuple[int, ...]:
+        return pair_mates([InputObject(name, 1, "v") for name in names])
+
+    assert mates("/d/SRR1_1.fastq", "/d/SRR1_2.fastq", "/d/SRR1.fastq") == (1, 2, 0)
+    assert mates("/d/S1_L001_R2_001.fastq.gz", "/d/S1_L001_R1_001.fastq.gz") == (2, 1)
+    assert mates("/d/R1.fq.gz", "/d/R2.fq.gz") == mates("s3://b/x/r.1.fa", "s3://b/x/r.2.fa") == (1, 2)
+    assert mates("/d/s_1_1.fq", "/d/s_1_2.fq") == (1, 2)  # the mate number is the last that pairs
+    assert mates("/d/sample1.fa", "/d/sample2.fa") == (0, 0)  # two samples, not a pair
+    assert mates("/d/x_1.fq", "/e/x_2.fq") == (0, 0) and mates("/d/x_R1.fq") == (0,)  # other folder; no partner
+    pair = [fasta(tmp_path / "p_1.fa", ["r1", "r2"]), fasta(tmp_path / "p_2.fa", ["r1", "r2"])]
+    plan, store = build(resolve_inputs(tuple(map(str, pair)), None), 10, tmp_path)
+    assert plan.mates == (1, 2) and [s.duplicates for s in plan.shards] == [()]
+    assert [r.id for r in shard_records(plan, plan.shards[0], None, store)] == ["r1/1", "r2/1", "r1/2", "r2/2"]
+    header = json.loads(plan.header_json())
+    del header["mates"]  # as the release before wrote it
+    before = Plan.from_header(json.dumps(header).encode(), "out")
+    assert before.mates == () and before.mate(1) == 0
 
 
 def test_concurrent_planners_agree_on_s3(bucket: str, tmp_path: Path) -> None:  # noqa: F811

@@ -163,12 +163,16 @@ def test_short_reads_are_warned_about_with_the_fact_behind_it(tmp_path: Path, le
         assert "under 250 bp" in success["short_reads_warning"] and "s.fa (100% of 6 reads)" in success["short_reads_warning"]
 
 
-@pytest.mark.parametrize(("mate_ids", "warned"), [(False, True), (True, False)])
-def test_a_pair_whose_mates_share_ids_is_warned_about(tmp_path: Path, mate_ids: bool, warned: bool) -> None:
-    pair = {
-        f"SRR1_{mate}.fa": [(f"SRR1.{i}/{mate}" if mate_ids else f"SRR1.{i}", 600) for i in range(4)]
-        for mate in (1, 2)
-    }
+@pytest.mark.parametrize(("names", "mate_ids", "warned"), [
+    (("SRR1_1.fa", "SRR1_2.fa"), False, False),  # a pair by name: the mate comes from the file
+    (("SRR1_1.fa", "SRR1_2.fa"), True, False),  # ids ending in /1 and /2 already
+    (("lane1.fa", "lane2.fa"), False, True),  # no pair by name: R2's reads are duplicate_id
+])
+def test_both_mates_of_a_pair_without_mate_ids_are_scored_and_a_run_that_cannot_tell_them_warns(
+    tmp_path: Path, names: tuple[str, str], mate_ids: bool, warned: bool,
+) -> None:
+    pair = {name: [(f"SRR1.{i}/{mate}" if mate_ids else f"SRR1.{i}", 600) for i in range(4)]
+            for mate, name in enumerate(names, start=1)}
     run, store = start(tmp_path, pair, shard_reads=3, checkpoint_seconds=0.0)
     with structlog.testing.capture_logs() as logged:
         finish(run, store)
@@ -176,9 +180,15 @@ def test_a_pair_whose_mates_share_ids_is_warned_about(tmp_path: Path, mate_ids: 
     report = (Path(run.output) / "report.html").read_text()
     logged = [e for e in logged if e["event"] == "duplicate_ids" and e["log_level"] == "warning"]
     assert ("duplicate_ids_warning" in success) == bool(logged) == ("ending in /1 and /2" in report) == warned
+    reads = table(Path(run.output) / "reads.tsv")
     if warned:
-        assert f"in {tmp_path / 'SRR1_2.fa'} (100% of 4 reads):" in success["duplicate_ids_warning"]
-        assert "SRR1_1.fa" not in success["duplicate_ids_warning"]
+        assert f"in {tmp_path / 'lane2.fa'} (100% of 4 reads):" in success["duplicate_ids_warning"]
+        assert [row["reason"] for row in reads] == [""] * 4 + ["duplicate_id"] * 4
+    else:
+        assert [row["read_id"] for row in reads] == [f"SRR1.{i}/{mate}" for mate in (1, 2) for i in range(4)]
+        assert all(row["reason"] == "" for row in reads)
+        predicted = (Path(run.output) / "prediction_results.txt").read_text()
+        assert "SRR1.0/2_chunk_1" in predicted and "SRR1.0/1_chunk_1" in predicted
 
 
 def test_report_for_an_empty_input(tmp_path: Path) -> None:
