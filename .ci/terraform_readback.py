@@ -122,8 +122,8 @@ def check_job_policy(iam, role_arn: str, bucket: str) -> None:
             grants.setdefault(action, set()).update(resources)
     objects = f"arn:aws:s3:::{bucket}/"
     check(grants.get("s3:PutObject") == {objects + "runs/*"}, f"PutObject only under runs/ ({grants.get('s3:PutObject')})")
-    check(grants.get("s3:DeleteObject") == {objects + "runs/*/_run/*"},
-          f"DeleteObject only of a run's _run/ state ({grants.get('s3:DeleteObject')})")
+    check(grants.get("s3:DeleteObject") == {objects + "runs/*/_run/*", objects + "runs/*/_FAILED"},
+          f"DeleteObject only of a run's _run/ state and _FAILED ({grants.get('s3:DeleteObject')})")
     check(not {"s3:DeleteObjectVersion", "s3:PutBucketPolicy", "s3:DeleteBucket"} & grants.keys(),
           "job role: no version deletes or bucket changes")
 

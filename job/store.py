@@ -131,11 +131,19 @@ class S3Store:
         return sorted(keys)
 
     def delete(self, keys: Iterable[str]) -> None:
+        """Delete the keys; one that S3 refuses raises OSError, as a local file would (S3 answers
+        a batch delete with 200 and lists the refused keys in the body)."""
         batch = [{"Key": self.prefix + key} for key in keys]
         for start in range(0, len(batch), 1000):
-            self._client.delete_objects(
+            response = self._client.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": batch[start:start + 1000], "Quiet": True}
             )
+            if errors := response.get("Errors"):
+                first = errors[0]
+                raise OSError(
+                    f"cannot delete s3://{self.bucket}/{first.get('Key')} ({first.get('Code')}: "
+                    f"{first.get('Message')}){f' and {len(errors) - 1} more' if len(errors) > 1 else ''}"
+                )
 
     def _conditional_put(self, key: str, data: bytes, **condition: str) -> str | None:
         for attempt in range(8):

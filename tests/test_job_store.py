@@ -68,6 +68,18 @@ def test_racing_writers_have_one_winner(store: Store) -> None:
     assert sum(r is not None for r in results["replace"]) == 1
 
 
+def test_a_delete_s3_refuses_raises_like_a_local_one(bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    store = S3Store(f"s3://{bucket}/runs/one")
+    store.put("_FAILED", b"{}")
+    refused = {"Errors": [{"Key": "runs/one/_FAILED", "Code": "AccessDenied", "Message": "Access Denied"}]}
+    monkeypatch.setattr(store._client, "delete_objects", lambda **request: refused)  # what S3 answers: 200, errors in the body
+    with pytest.raises(OSError, match=f"cannot delete s3://{bucket}/runs/one/_FAILED \\(AccessDenied: Access Denied\\)"):
+        store.delete(["_FAILED"])
+    monkeypatch.undo()
+    store.delete(["_FAILED"])
+    assert store.get("_FAILED") is None
+
+
 def test_large_upload_is_multipart(bucket: str, tmp_path) -> None:  # noqa: F811, ANN001
     store = S3Store(f"s3://{bucket}/out", part_size=5 * 2**20)
     big = tmp_path / "big"

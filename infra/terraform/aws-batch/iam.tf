@@ -93,13 +93,16 @@ data "aws_iam_policy_document" "job" {
   }
 
   # The job deletes only its own state (committed parts after the merge, write probes), all
-  # under <run>/_run/: the outputs of a run (prediction_results.txt, reads.tsv, _SUCCESS, ...)
-  # cannot be deleted by any job. One role serves every run, so a job could still overwrite
+  # under <run>/_run/, and a run's _FAILED marker when --retry-failed runs its failed shards
+  # again: the outputs of a run (prediction_results.txt, reads.tsv, _SUCCESS, ...) cannot be
+  # deleted by any job. One role serves every run, so a job could still overwrite
   # another run's files: infra/README.md ("Least privilege") says how to narrow that.
   statement {
-    sid       = "DeleteRunState"
-    actions   = ["s3:DeleteObject"]
-    resources = [for p in local.write_prefixes : "${aws_s3_bucket.runs.arn}/${p}*/_run/*"]
+    sid     = "DeleteRunState"
+    actions = ["s3:DeleteObject"]
+    resources = flatten([
+      for p in local.write_prefixes : ["${aws_s3_bucket.runs.arn}/${p}*/_run/*", "${aws_s3_bucket.runs.arn}/${p}*/_FAILED"]
+    ])
   }
 }
 
