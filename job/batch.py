@@ -45,13 +45,14 @@ from job.errors import BadInput, Interrupted, disk_error_code, disk_error_messag
 from job.inputs import InputObject, resolve_inputs
 from job.lease import ExpiryObserver, Renewer
 from job.lease import claim as take_claim
-from job.log import for_people, get_logger
+from job.log import for_people, get_logger, redact
 from job.merge import DEMO_WARNING, FAILED, MERGE_KEY, MergeClaim, MergeInputs, merge, read_marker
 from job.models import LocalModel, checked_models, localize_model
 from job.plan import PLANNER_KEY, Plan, Planner, load_plan, plan_header
 from job.shards import charge_dead_worker, reopen_failed
 from job.spot import SpotWatcher
 from job.status import RunStatus, run_status
+from job.signals import stop_on_signals
 from job.store import Store, open_store
 from job.worker import WorkerSpec, command, owner_prefix
 
@@ -66,7 +67,7 @@ def run_batch(config: RunConfig, stop: threading.Event | None = None) -> int:
     `stop` is the event the caller's SIGTERM/SIGINT handlers set, when it installed them
     before importing this module (a stop during start-up then exits 75 too)."""
     stop = stop or threading.Event()
-    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+    restore_signals = stop_on_signals(stop)
     spot = SpotWatcher(config.imds_url, stop.set)
     spot.start()
     log = get_logger(output=config.output)
@@ -74,7 +75,7 @@ def run_batch(config: RunConfig, stop: threading.Event | None = None) -> int:
         return _BatchRun(config, stop).run()
     except UserError as exc:  # bad input, model or arguments: BadInput, ModelLoadError, ReadsError...
         log.error("bad_input", error=str(exc))
-        print(f"virnucpro: error: {exc}", file=sys.stderr)
+        print(f"virnucpro: error: {redact(str(exc))}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     except Interrupted as exc:
         log.warning("interrupted", reason=str(exc), message="rerun the same command to resume")
@@ -89,8 +90,7 @@ def run_batch(config: RunConfig, stop: threading.Event | None = None) -> int:
         return code
     finally:
         spot.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore_signals()
 
 
 class _BatchRun:

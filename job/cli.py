@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ from core.errors import UserError
 from job import exit_codes
 from job.config import RunConfig
 from job.log import configure, get_logger, redact
+from job.signals import stop_on_signals
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,8 +139,7 @@ def _translate(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     # First, before torch is imported (seconds): a stop during start-up exits 75 as well.
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop_on_signals(stop)
     from job.batch import run_batch
 
     slot, slots = _slot(args, os.environ)

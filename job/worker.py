@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sys
 import threading
@@ -55,6 +54,7 @@ from job.config import RunConfig
 from job.errors import BadInput, disk_error_code, disk_error_message, user_error_code
 from job.lease import ExpiryObserver, Renewer
 from job.log import configure, get_logger
+from job.signals import stop_on_signals
 from job.models import compiler_cache_dir, read_ahead, weights_cache
 from job.parts import PART_SUFFIX, encode_features, encode_rows, read_sources
 from job.plan import Plan, load_plan, shard_records
@@ -396,8 +396,7 @@ def _exit_within_grace(stop: threading.Event, grace_seconds: float, worker: list
 
 def main(argv: list[str]) -> int:
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):  # first: a stop during start-up exits 75 too
-        signal.signal(signum, lambda *_: stop.set())
+    stop_on_signals(stop)  # first: a stop during start-up exits 75 too
     spec = WorkerSpec.from_json(argv[0])
     config = spec.config
     configure(config.log_format)

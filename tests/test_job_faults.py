@@ -284,6 +284,24 @@ def test_a_worker_claims_nothing_until_its_parent_names_the_run(demo_models: Pat
     assert all(state.final for state in shard_states(str(out)))
 
 
+STOP_WHILE_WAITING = """
+import os, signal, threading, time
+from job.signals import stop_on_signals
+
+stop = threading.Event()
+stop_on_signals(stop)
+with stop._cond:  # held, as stop.wait() holds it for a few bytecodes each call
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)  # a handler calling stop.set() here would wait for this lock forever
+print("stopped" if stop.wait(10) else "not stopped")
+"""
+
+
+def test_a_stop_signal_arriving_inside_the_stop_events_wait_is_not_lost() -> None:
+    out = run([sys.executable, "-c", STOP_WHILE_WAITING], timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == "stopped", out.stderr
+
+
 def test_a_stop_during_start_up_exits_75(demo_models: Path, tmp_path: Path) -> None:
     write_reads(tmp_path / "in.fa", 5, seed=1)
     job = subprocess.Popen(run_args(demo_models, [str(tmp_path / "in.fa")], str(tmp_path / "out")),
