@@ -109,7 +109,8 @@ class ShardLease(Lease[ShardState]):
         return super().renew(processed=processed)
 
     def commit(self, part: Part, shard_reads: int) -> bool:
-        """Add a part; the part that completes the shard also marks it done and frees it."""
+        """Add a part; the part that completes the shard also marks it done and frees it, and
+        this lease writes nothing more (no renewal or release rewrites a finished record)."""
 
         def changes(state: ShardState) -> dict[str, object]:
             reads = state.reads_done + part.reads
@@ -119,7 +120,10 @@ class ShardLease(Lease[ShardState]):
                 "owner": None if done else state.owner, "renewed_at": time.time(),
             }
 
-        return self.update(changes)
+        committed = self.update(changes)
+        if committed and self.state.done:
+            self._close()
+        return committed
 
     def release(self, processed: int = 0) -> bool:  # type: ignore[override]
         """Give the shard back unfinished (the worker is stopping); its parts stay committed.

@@ -265,8 +265,9 @@ class Worker:
         period is ending); the caller then exits. A part being written is finished first."""
         acquired = self.writing.acquire(timeout=max(1.0, self.config.grace_seconds * (1 - GRACE_SHARE) / 2))
         lease, renewer = self.current, self.renewer
-        if lease is not None and not lease.released and not lease.lost.is_set():
-            _release_quietly(lease, renewer.processed if renewer is not None else 0)
+        if lease is not None and not lease.released and not lease.lost.is_set() and _release_quietly(
+            lease, renewer.processed if renewer is not None else 0
+        ):
             self.log.warning(
                 "shard_released", shard=lease.state.index, committed=lease.state.reads_done,
                 message="stopped within the grace period; the unfinished group is redone later",
@@ -368,11 +369,13 @@ def _remembered(records: Iterator[Record], sequences: deque[str]) -> Iterator[Re
         yield record
 
 
-def _release_quietly(lease: ShardLease, processed: int = 0) -> None:
+def _release_quietly(lease: ShardLease, processed: int = 0) -> bool:
+    """Whether the shard was given back; a failure is logged (the lease then expires)."""
     try:
-        lease.release(processed)
+        return lease.release(processed)
     except Exception as exc:  # noqa: BLE001 - it then expires; the stop goes on
         get_logger().warning("lease_release_failed", shard=lease.state.index, error=f"{type(exc).__name__}: {exc}")
+        return False
 
 
 def _watch_parent(parent_pid: int, stop: threading.Event) -> None:

@@ -21,8 +21,10 @@ def test_claim_commit_done(tmp_path) -> None:  # noqa: ANN001
     assert lease.renew(processed=5)
     assert lease.commit(part(4), shard_reads=10)
     assert lease.commit(part(6), shard_reads=10)
-    state, _ = read_shard(store, 0)
+    state, etag = read_shard(store, 0)
     assert state.done and state.owner is None and state.reads_done == 10
+    assert lease.released and not lease.renew(processed=10) and not lease.release(10)  # done: no more writes
+    assert read_shard(store, 0)[1] == etag
     assert claim(store, 0, "w2", 60, "cpu", ExpiryObserver()) is None  # done
 
 
