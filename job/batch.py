@@ -101,7 +101,6 @@ class _BatchRun:
         self.log = get_logger(output=config.output)
 
     def run(self) -> int:
-        _check_numbers(self.config)
         if self.stop.is_set():
             raise Interrupted("stopped during start-up")
         store = open_store(self.config.output, self.endpoint)
@@ -405,19 +404,6 @@ class _PlanThread(threading.Thread):
     def finish(self) -> None:
         self._finished.set()
         self.join(timeout=30)
-
-
-def _check_numbers(config: RunConfig) -> None:
-    for flag, value, least in (
-        ("--shard-reads", 1 if config.shard_reads is None else config.shard_reads, 1), ("--group-reads", config.group_reads, 1),
-        ("--workers", config.workers or 1, 1), ("--max-attempts", config.max_attempts, 1),
-        ("--lease-seconds", config.lease_seconds, 0.1), ("--checkpoint-seconds", config.checkpoint_seconds, 0),
-        ("--grace-seconds", config.grace_seconds, 0),
-    ):
-        if value < least:
-            raise BadInput(f"{flag} must be at least {least}, not {value}")
-    if config.min_virus_score is not None and not 0 <= config.min_virus_score <= 1:
-        raise BadInput(f"--min-virus-score is a probability, from 0 to 1, not {config.min_virus_score}")
 
 
 def _check_writable(store: Store, owner: str) -> None:

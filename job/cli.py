@@ -47,11 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     translate.set_defaults(handler=_translate)
 
     run = commands.add_parser(
-        "run", help="predict as a resumable batch job: FASTA in, prediction tables out",
+        "run", help="predict as a resumable batch job: FASTA or FASTQ in, prediction tables out",
         description="Spot-safe batch run. The same command resumes an interrupted run, splits the "
         "work when started on several machines, and reports a finished run.",
     )
-    run.add_argument("--input", nargs="+", required=True, help="FASTA files, directories or s3:// objects/prefixes (plain or gzip)")
+    run.add_argument("--input", nargs="+", required=True, help="FASTA or FASTQ files, directories or s3:// objects/prefixes (plain or gzip)")
     run.add_argument("--output", required=True, help="output directory or s3://bucket/prefix (holds the run's state too)")
     run.add_argument("--esm-model", required=True, help="fair-esm checkpoint file (or s3:// URI) or model name")
     run.add_argument("--dnabert-model", required=True, help="DNABERT-S Hugging Face directory (or s3:// prefix) or hub id")
@@ -142,6 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     stop_on_signals(stop)
     from job.batch import run_batch
 
+    _check_ranges(args)
     slot, slots = _slot(args, os.environ)
     config = RunConfig(
         inputs=tuple(args.input),
@@ -175,6 +176,20 @@ def _run(args: argparse.Namespace) -> int:
         imds_url=args.imds_url,
     )
     return run_batch(config, stop)
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Numbers out of range are a bad command line (exit 2), like a malformed one."""
+    for flag, value, least in (
+        ("--shard-reads", args.shard_reads, 1), ("--group-reads", args.group_reads, 1),
+        ("--workers", args.workers, 1), ("--max-attempts", args.max_attempts, 1), ("--batch-tokens", args.batch_tokens, 1),
+        ("--lease-seconds", args.lease_seconds, 0.1), ("--checkpoint-seconds", args.checkpoint_seconds, 0),
+        ("--grace-seconds", args.grace_seconds, 0), ("--gpu-hour-price", args.gpu_hour_price, 0),
+    ):
+        if value is not None and not value >= least:  # `not >=`: NaN is refused too
+            args.parser.error(f"{flag} must be at least {least}, not {value}")
+    if args.min_virus_score is not None and not 0 <= args.min_virus_score <= 1:
+        args.parser.error(f"--min-virus-score is a probability, from 0 to 1, not {args.min_virus_score}")
 
 
 def _slot(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[int | None, int | None]:

@@ -96,6 +96,18 @@ def test_s3_inputs_models_and_output_match_a_local_run(demo_models: Path, bucket
     assert len(cached) == 3
 
 
+def test_numbers_out_of_range_are_a_bad_command_line(demo_models: Path, tmp_path: Path) -> None:
+    for flag, value, message in (
+        ("--min-virus-score", "1.5", "--min-virus-score is a probability, from 0 to 1, not 1.5"),
+        ("--min-virus-score", "nan", "--min-virus-score is a probability, from 0 to 1, not nan"),
+        ("--gpu-hour-price", "-3", "--gpu-hour-price must be at least 0, not -3.0"),
+        ("--shard-reads", "0", "--shard-reads must be at least 1, not 0"),
+    ):
+        out = run(run_args(demo_models, [str(tmp_path / "in.fa")], str(tmp_path / "out"), flag, value))
+        assert out.returncode == 2 and out.stderr.rstrip().endswith(f"virnucpro run: error: {message}"), out.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_inputs_and_outputs_are_refused_clearly(demo_models: Path, bucket: str, tmp_path: Path) -> None:  # noqa: F811
     missing = run(run_args(demo_models, [str(tmp_path / "nope.fa")], str(tmp_path / "o1")))
     assert missing.returncode == 65 and f"input {tmp_path / 'nope.fa'} does not exist" in missing.stderr
