@@ -37,7 +37,7 @@ class RunStatus:
     eta_s: float | None
     finished: str | None  # _SUCCESS or _FAILED once the run is finished
     planned: bool = True  # the plan is complete
-    elapsed_s: float = 0.0  # since the run was planned
+    elapsed_s: float = 0.0  # since the run was planned (a finished run: to its last commit)
     scanned: float = 1.0  # share of the input bytes the planner has read
 
     def as_dict(self) -> dict:
@@ -80,6 +80,8 @@ def run_status(store: Store, plan: Plan | None = None) -> RunStatus | None:
 
 def summarize(plan: Plan, states: list[ShardState], finished: str | None, now: float | None = None) -> RunStatus:
     now = time.time() if now is None else now
+    if finished is not None:  # the run's own span ends at its last commit, not when it is looked at
+        now = min(now, max((part.committed_at for state in states for part in state.parts), default=now))
     committed = sum(state.reads_done for state in states)
     span = min(RATE_WINDOW_SECONDS, max(now - plan.created_at, 1e-9))
     recent = sum(

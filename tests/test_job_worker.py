@@ -226,6 +226,8 @@ def test_status_counts_shards_and_projects_the_eta(tmp_path: Path) -> None:
     assert (expired.leased, expired.pending) == (0, 2)
     done = summarize(plan, [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)], "_SUCCESS", now=now)
     assert done.eta_s == 0.0 and done.finished == "_SUCCESS"
+    later = summarize(plan, [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)], "_SUCCESS", now=now + 3600)
+    assert later == done and later.reads_per_s == 0.3 and later.elapsed_s == 100.0  # a finished run's figures stay
 
 
 def test_a_working_shard_renews_its_lease_and_logs_progress(monkeypatch) -> None:  # noqa: ANN001
