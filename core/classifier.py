@@ -302,7 +302,7 @@ def load_classifier(path: PathLike, device: torch.device | str) -> Classifier:
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise ModelLoadError(f"classifier {path} does not exist; check the path (or the --classifier URI)")
+        raise ModelLoadError(f"classifier {path} does not exist; check the path")
     if path.endswith(".safetensors"):
         state, chunk_length = _read_safetensors(path)
     else:
@@ -364,6 +364,7 @@ def save_safetensors(
     }
     partial = f"{path}.partial"
     safetensors.torch.save_file(tensors, partial, metadata=metadata)
+    os.chmod(partial, 0o644)  # safetensors writes 0600: readable like the .pth (the image runs as another user)
     os.replace(partial, path)
 
 

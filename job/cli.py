@@ -114,23 +114,32 @@ def _translate(args: argparse.Namespace) -> int:
     from core.frames import chunk_record, open_frames
     from core.outputs import chunk_fasta, frame_fasta
 
+    from job.errors import BadInput
+
+    if not Path(args.input).is_file():
+        raise BadInput(f"input {args.input} does not exist or is not a file; check the path")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    names = ("chunked.fa", "identified_nucleotide.fa", "identified_protein.faa")
+    partial = [out / f".{name}.partial" for name in names]  # renamed when whole: no output is left half-written
     skipped: dict[str, int] = {}
-    with (
-        open(out / "chunked.fa", "w") as chunked,
-        open(out / "identified_nucleotide.fa", "w") as nucleotides,
-        open(out / "identified_protein.faa", "w") as proteins,
-    ):
-        for record in open_records(args.input):
-            if record.status is not None:
-                skipped[record.status] = skipped.get(record.status, 0) + 1
-                continue
-            chunks = chunk_record(record.id, record.sequence, args.chunk_length)
-            frames = [frame for kept in open_frames(chunks) for frame in kept]
-            chunked.writelines(chunk_fasta(chunks))
-            nucleotides.writelines(frame_fasta(frames, protein=False))
-            proteins.writelines(frame_fasta(frames, protein=True))
+    try:
+        with open(partial[0], "w") as chunked, open(partial[1], "w") as nucleotides, open(partial[2], "w") as proteins:
+            for record in open_records(args.input):
+                if record.status is not None:
+                    skipped[record.status] = skipped.get(record.status, 0) + 1
+                    continue
+                chunks = chunk_record(record.id, record.sequence, args.chunk_length)
+                frames = [frame for kept in open_frames(chunks) for frame in kept]
+                chunked.writelines(chunk_fasta(chunks))
+                nucleotides.writelines(frame_fasta(frames, protein=False))
+                proteins.writelines(frame_fasta(frames, protein=True))
+    except BaseException:
+        for path in partial:
+            path.unlink(missing_ok=True)
+        raise
+    for path, name in zip(partial, names):
+        path.replace(out / name)
     if skipped:
         get_logger().warning("records_skipped", input=args.input, by_reason=skipped)
     return exit_codes.OK

@@ -64,7 +64,6 @@ VIRAL_READS = "viral_reads.fa.gz"
 FEATURES = "features.h5"
 DEMO_WARNING = "demo models in use: their scores are meaningless"
 SHARD_FAILED = "shard_failed"  # reads.tsv reason of the reads a failed shard never scored
-EMPTY_WARNING = "some inputs hold no reads: check that the right files were given"
 FETCH_THREADS = 8  # parts downloaded in parallel
 PREFETCH_PARTS = 32  # parts fetched ahead of the one being written (bounds memory)
 UPLOAD_THREADS = 4  # outputs uploaded at once, while the merge writes the next ones
@@ -319,7 +318,10 @@ def _assemble(
         summary["warning"] = DEMO_WARNING
     if plan.empty_inputs:
         summary["empty_inputs"] = list(plan.empty_inputs)
-        summary["empty_inputs_warning"] = EMPTY_WARNING
+        summary["empty_inputs_warning"] = (
+            f"{', '.join(plan.empty_inputs)} {'holds' if len(plan.empty_inputs) == 1 else 'hold'} no reads: "
+            "check that the right files were given"
+        )
     if (short := stats.short_reads_warning()) is not None:
         summary["short_reads_warning"] = short
         get_logger(run_id=plan.run_id).warning("short_reads", message=short)

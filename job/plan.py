@@ -315,9 +315,13 @@ def check_plan(plan: Plan, inputs: list[InputObject], settings: dict, output: st
         if plan.settings.get(name) != value:
             raise BadInput(
                 f"--{name.replace('_', '-')} differs from the run at {output} "
-                f"({plan.settings.get(name)} planned, {value} now); use the run's arguments or "
+                f"({_setting(plan.settings.get(name))} planned, {_setting(value)} now); use the run's arguments or "
                 "start a new run with another --output"
             )
+
+
+def _setting(value: object) -> str:
+    return "not given" if value is None else str(value)
 
 
 class _Counted(io.RawIOBase):

@@ -363,6 +363,7 @@ def test_convert_round_trip_gives_identical_scores(tmp_path: Path, demo: Demo) -
     out = tmp_path / "converted.safetensors"
 
     assert convert_classifier(str(demo[0]), str(out)) == 500
+    assert out.stat().st_mode & 0o777 == 0o644  # readable by the image's user, like the .pth
 
     with safetensors.safe_open(str(out), framework="pt") as handle:
         metadata = handle.metadata()

@@ -101,7 +101,7 @@ def test_missing_model_files_say_they_do_not_exist(demo_models: Path, tmp_path: 
     missing = tmp_path / "nowhere" / "model_500.pth"
     no_classifier = run([*base, "--classifier", str(missing)])
     assert no_classifier.returncode == 65
-    assert one_line_error(no_classifier.stderr) == f"virnucpro: error: classifier {missing} does not exist; check the path (or the --classifier URI)"
+    assert one_line_error(no_classifier.stderr) == f"virnucpro: error: classifier {missing} does not exist; check the path"
     no_esm = run([*base, "--esm-model", str(tmp_path / "esm.pt")])
     assert no_esm.returncode == 65 and "no such file" in one_line_error(no_esm.stderr)
 

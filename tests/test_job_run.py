@@ -132,7 +132,8 @@ def test_empty_input_gives_header_only_outputs(demo_models: Path, tmp_path: Path
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert summary["reads"] == 0 and summary["frames"] == 0 and summary["shards"] == 0
-    assert summary["empty_inputs"] == [str(tmp_path / "empty.fa")] and "no reads" in summary["empty_inputs_warning"]
+    assert summary["empty_inputs"] == [str(tmp_path / "empty.fa")] and summary["empty_inputs_warning"] == (
+        f"{tmp_path / 'empty.fa'} holds no reads: check that the right files were given")
     assert any(e["event"] == "empty_input" and e["input"] == str(tmp_path / "empty.fa") for e in logs(done.stderr))
     assert (tmp_path / "out" / "reads.tsv").read_text().count("\n") == 1
     assert (tmp_path / "out" / "prediction_results.txt").read_text() == "Sequence_ID\tPrediction\tscore1\tscore2\n"

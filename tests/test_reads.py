@@ -283,3 +283,12 @@ def test_cli_translate_reads_fastq_like_fasta(tmp_path) -> None:  # noqa: ANN001
         assert main(["translate", "--input", str(tmp_path / name), "--chunk-length", "300", "--out-dir", str(out)]) == 0
         outputs.append([(out / f).read_bytes() for f in ("chunked.fa", "identified_nucleotide.fa", "identified_protein.faa")])
     assert outputs[0] == outputs[1] and outputs[0][0]
+
+
+def test_cli_translate_leaves_no_output_when_the_input_is_bad(tmp_path, capsys) -> None:  # noqa: ANN001
+    (tmp_path / "picture.fa").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    for name, message in (("missing.fa", "does not exist or is not a file; check the path"), ("picture.fa", "PNG")):
+        out = tmp_path / f"out-{name}"
+        assert main(["translate", "--input", str(tmp_path / name), "--chunk-length", "300", "--out-dir", str(out)]) == 65
+        assert message in capsys.readouterr().err
+        assert not out.exists() or list(out.iterdir()) == []
