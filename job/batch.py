@@ -74,7 +74,8 @@ def run_batch(config: RunConfig, stop: threading.Event | None = None) -> int:
     try:
         return _BatchRun(config, stop).run()
     except UserError as exc:  # bad input, model or arguments: BadInput, ModelLoadError, ReadsError...
-        log.error("bad_input", error=str(exc))
+        if not for_people(config.log_format):  # a person reads the line printed next, once
+            log.error("bad_input", error=str(exc))
         print(f"virnucpro: error: {redact(str(exc))}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     except Interrupted as exc:

@@ -403,7 +403,7 @@ class Planner:
             self._pending.popleft().result()  # raises a failed write's error here
 
     def _publish_error(self, message: str) -> None:
-        self.log.error("plan_failed", error=message)
+        self.log.info("plan_failed", error=message)  # every starter that stops on it reports it as bad_input
         self.store.create(ERROR_KEY, json.dumps({"error": message}).encode())
 
     def _scan_input(self, number: int, obj: InputObject) -> None:

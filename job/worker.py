@@ -53,7 +53,7 @@ from job import exit_codes
 from job.config import RunConfig
 from job.errors import BadInput, disk_error_code, disk_error_message, user_error_code
 from job.lease import ExpiryObserver, Renewer
-from job.log import configure, get_logger
+from job.log import configure, get_logger, redact
 from job.signals import stop_on_signals
 from job.models import compiler_cache_dir, read_ahead, weights_cache
 from job.parts import PART_SUFFIX, encode_features, encode_rows, read_sources
@@ -161,7 +161,7 @@ class Worker:
         while not self.stop.is_set():
             self.plan = load_plan(self.store, self.plan) or self.plan  # shards published since
             if self.plan.error:
-                self.log.error("plan_failed", error=self.plan.error)
+                self.log.info("plan_failed", error=self.plan.error)  # the parent reports it, once
                 return exit_codes.BAD_INPUT
             order = claim_order(
                 len(self.plan.shards), config.slot or 0, config.slots or 1, self.spec.worker, self.spec.workers
@@ -173,7 +173,7 @@ class Worker:
                     self._process(lease)
                 except BadInput as exc:  # the input changed under the run: stop, nothing more is right
                     self.log.error("bad_input", error=str(exc))
-                    print(f"virnucpro: error: {exc}", file=sys.stderr)
+                    print(f"virnucpro: error: {redact(str(exc))}", file=sys.stderr)
                     return exit_codes.BAD_INPUT
             elif self.plan.complete and len(final) == len(order):
                 self.log.info("worker_finished", **self._memory())
