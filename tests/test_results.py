@@ -149,14 +149,19 @@ def test_summary_counts_add_up_per_input_and_in_total_with_a_failed_shard(tmp_pa
     assert "failed shards" in report and "shard(s) failed" in report and report.count("<svg") == 4
 
 
-@pytest.mark.parametrize(("length", "warned"), [(150, True), (600, False)])
-def test_short_reads_are_warned_about_with_the_fact_behind_it(tmp_path: Path, length: int, warned: bool) -> None:
-    run, store = start(tmp_path, {"s.fa": [(f"s{i}", length) for i in range(6)]}, shard_reads=3, checkpoint_seconds=0.0)
+def finish_with_warnings(run: RunConfig, store: LocalStore, event: str) -> tuple[dict, str, list[dict]]:
+    """Finish the run: (_SUCCESS, report.html's text, the `event` warnings logged)."""
     with structlog.testing.capture_logs() as logged:
         finish(run, store)
     success = json.loads((Path(run.output) / "_SUCCESS").read_text())
     report = (Path(run.output) / "report.html").read_text()
-    short = [e for e in logged if e["event"] == "short_reads" and e["log_level"] == "warning"]
+    return success, report, [e for e in logged if e["event"] == event and e["log_level"] == "warning"]
+
+
+@pytest.mark.parametrize(("length", "warned"), [(150, True), (600, False)])
+def test_short_reads_are_warned_about_with_the_fact_behind_it(tmp_path: Path, length: int, warned: bool) -> None:
+    run, store = start(tmp_path, {"s.fa": [(f"s{i}", length) for i in range(6)]}, shard_reads=3, checkpoint_seconds=0.0)
+    success, report, short = finish_with_warnings(run, store, "short_reads")
     assert ("short_reads_warning" in success) == bool(short) == ("0.53 accuracy" in report) == warned
     if warned:
         assert "0.53 accuracy" in success["short_reads_warning"] and "ROC-AUC 0.55-0.67" in short[0]["message"]
@@ -174,11 +179,7 @@ def test_both_mates_of_a_pair_without_mate_ids_are_scored_and_a_run_that_cannot_
     pair = {name: [(f"SRR1.{i}/{mate}" if mate_ids else f"SRR1.{i}", 600) for i in range(4)]
             for mate, name in enumerate(names, start=1)}
     run, store = start(tmp_path, pair, shard_reads=3, checkpoint_seconds=0.0)
-    with structlog.testing.capture_logs() as logged:
-        finish(run, store)
-    success = json.loads((Path(run.output) / "_SUCCESS").read_text())
-    report = (Path(run.output) / "report.html").read_text()
-    logged = [e for e in logged if e["event"] == "duplicate_ids" and e["log_level"] == "warning"]
+    success, report, logged = finish_with_warnings(run, store, "duplicate_ids")
     assert ("duplicate_ids_warning" in success) == bool(logged) == ("ending in /1 and /2" in report) == warned
     reads = table(Path(run.output) / "reads.tsv")
     if warned:
