@@ -23,6 +23,7 @@ failure (a stop, a killed worker, a full local disk) exits 75 with a one-line re
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -316,7 +317,9 @@ class _Workers:
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
             spec = WorkerSpec(self.config, index, count, os.getpid(), self.models)
-            self.processes.append(subprocess.Popen(command(spec), env=env, stdin=subprocess.PIPE))
+            process = subprocess.Popen(command(), env=env, stdin=subprocess.PIPE)
+            self.processes.append(process)
+            _tell(process, spec.to_json())
         self.log.info("workers_started", workers=count, gpus=len(gpus))
 
     def begin(self, run_id: str) -> None:
@@ -324,12 +327,7 @@ class _Workers:
         if not self.processes:
             self.start()
         for process in self.processes:
-            assert process.stdin is not None
-            try:
-                process.stdin.write(f"{run_id}\n".encode())
-                process.stdin.close()
-            except BrokenPipeError:  # it died already: the caller sees its exit code
-                pass
+            _tell(process, run_id, last=True)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -460,6 +458,21 @@ def _show_bar(status: RunStatus) -> None:
         columns = 0
     width = (columns or 100) - 1
     print(f"\r{status.bar(width)}\x1b[K", end="", file=sys.stderr, flush=True)
+
+
+def _tell(process: subprocess.Popen, line: str, last: bool = False) -> None:
+    """Write one line on a worker's stdin (its spec, then the run id, the last word)."""
+    stdin = process.stdin
+    if stdin is None or stdin.closed:  # a worker that died at its spec hears nothing more
+        return
+    try:
+        stdin.write(f"{line}\n".encode())
+        stdin.flush()
+        if last:
+            stdin.close()
+    except BrokenPipeError:  # it died already: the caller sees its exit code
+        with contextlib.suppress(OSError):
+            stdin.close()
 
 
 def _signal_all(processes: list[subprocess.Popen], signum: int) -> None:

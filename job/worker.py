@@ -1,4 +1,4 @@
-"""One worker process (`python -m job.worker SPEC`): claim shards, predict, commit parts.
+"""One worker process (`python -m job.worker`): claim shards, predict, commit parts.
 
 A worker loads the models once, then takes shards until none is left: first those of its
 slot, then any that are pending or whose lease expired. For each shard it skips the reads
@@ -20,8 +20,11 @@ the worker exits 75 without claiming a shard. A full local disk exits 75, a read
 The parent starts its workers before it has settled the plan, so that they import torch,
 load the models and compile while it checks the models and writes or adopts the plan. A
 worker touches no plan until the parent names the run (one line on its stdin): the output
-may hold another run's plan that the parent is about to refuse. A worker told nothing (the
-parent stopped it, or closed its stdin) exits 75; a model it cannot load before that is
+may hold another run's plan that the parent is about to refuse. Its stdin carries two lines:
+the `WorkerSpec` at once, the run id later. The spec does not go in argv, where `ps` would
+show the endpoint URL with any credentials in it and a long input list would pass Linux's
+128 KiB limit on one argument. A worker told nothing (the parent stopped it, or closed its
+stdin) exits 75; a model it cannot load before that is
 reported only if the parent goes on (the parent's own checks report it otherwise, once).
 
 Start-up, timed in the log for the cold-start benchmark: `compiler_artifacts_loaded` (what
@@ -86,6 +89,7 @@ class WorkerSpec:
     models: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
     def to_json(self) -> str:
+        """One line: the first a worker reads on its stdin."""
         return json.dumps(asdict(self))
 
     @classmethod
@@ -96,11 +100,11 @@ class WorkerSpec:
         return cls(config=RunConfig(**config), **body)
 
 
-def command(spec: WorkerSpec) -> list[str]:
-    """The argv that starts a worker for `spec`."""
+def command() -> list[str]:
+    """The argv that starts a worker; its spec follows on stdin (`WorkerSpec.to_json`)."""
     # -P: nothing is imported from the directory the job was started in (a stray
     # `concurrent.py` there would run inside the worker); PYTHONPATH still applies.
-    return [sys.executable, "-P", "-m", "job.worker", spec.to_json()]
+    return [sys.executable, "-P", "-m", "job.worker"]
 
 
 def claim_order(shards: int, slot: int, slots: int, worker: int, workers: int) -> list[int]:
@@ -397,10 +401,13 @@ def _exit_within_grace(stop: threading.Event, grace_seconds: float, worker: list
     os._exit(exit_codes.INTERRUPTED)
 
 
-def main(argv: list[str]) -> int:
+def main() -> int:
     stop = threading.Event()
     stop_on_signals(stop)  # first: a stop during start-up exits 75 too
-    spec = WorkerSpec.from_json(argv[0])
+    line = sys.stdin.readline()  # the parent writes it right after starting us
+    if not line:  # the parent died first
+        return exit_codes.INTERRUPTED
+    spec = WorkerSpec.from_json(line)
     config = spec.config
     configure(config.log_format)
     started: list[Worker] = []
@@ -559,4 +566,4 @@ def _run_named_by_parent(stop: threading.Event) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

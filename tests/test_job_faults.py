@@ -264,7 +264,9 @@ def test_a_worker_claims_nothing_until_its_parent_names_the_run(demo_models: Pat
     before = written()
 
     def started_worker() -> JobProcess:
-        worker = JobProcess(command(WorkerSpec(config, 0, 1, os.getpid())), subprocess_env(), stdin=subprocess.PIPE)
+        worker = JobProcess(command(), subprocess_env(), stdin=subprocess.PIPE)
+        worker.process.stdin.write(WorkerSpec(config, 0, 1, os.getpid()).to_json() + "\n")
+        worker.process.stdin.flush()
         assert worker.wait_for("engine_ready", timeout=180) is not None, "".join(worker.stderr)
         time.sleep(1.0)  # ready, and waiting
         assert written() == before, "a worker touched a plan nobody named"
@@ -376,6 +378,39 @@ def test_url_credentials_are_redacted_in_log_events_and_uncaught_tracebacks() ->
     assert out.returncode == 1 and "Traceback" in out.stderr
     assert "SecretPass99" not in out.stderr and "Pass99" not in out.stderr, out.stderr
     assert '"http://***@127.0.0.1:9/b' in out.stderr and "https://***@127.0.0.1:9/b" in out.stderr, out.stderr
+
+
+def test_a_workers_command_line_holds_no_credentials_and_no_limit_on_the_inputs(
+    demo_models: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A worker's spec travels on its stdin: in argv, `ps` showed the endpoint's credentials
+    to every user of the machine, and inputs past 128 KiB (Linux's limit on one argument)
+    stopped the workers from starting at all."""
+    from job.batch import _Workers
+    from job.config import RunConfig
+    from job.log import get_logger
+
+    inputs = tuple(f"{tmp_path}/{index:04d}-{'r' * 200}.fastq.gz" for index in range(700))  # 150 KB
+    config = RunConfig(
+        inputs=inputs, output=str(tmp_path / "out"), esm_model=str(demo_models / "esm2_demo.pt"),
+        dnabert_model=str(demo_models / "dnabert_demo"), classifier=str(demo_models / "classifier_500.pth"),
+        device="cpu", workers=2, s3_endpoint_url="http://keyuser:SecretPass99@127.0.0.1:9",
+        model_cache=str(tmp_path / "model-cache"),
+    )
+    capfd.readouterr()
+    seen = ""
+    with _Workers(config, {}, get_logger()) as workers:
+        workers.start()
+        deadline = time.monotonic() + 180
+        while seen.count('"engine_ready"') < 2:  # each read its spec and loaded the models
+            assert time.monotonic() < deadline and all(p.poll() is None for p in workers.processes), seen
+            time.sleep(0.2)
+            seen += capfd.readouterr().err
+        for process in workers.processes:
+            argv = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+            assert b"SecretPass99" not in argv and b"rrrr" not in argv, argv
+    assert [process.returncode for process in workers.processes] == [75, 75]  # stopped, never told a run
+    assert "SecretPass99" not in seen + capfd.readouterr().err
 
 
 def test_status_of_a_missing_bucket_is_one_line_and_credentials_in_the_endpoint_are_never_printed(
