@@ -309,7 +309,8 @@ _FUNCTIONS: dict[str, AttentionFn] = {
 
 
 def make(name: str, alibi: bool, note: str = "", device: torch.device | None = None) -> Attention:
-    """The backend `name` without any check (tests and benchmarks use it to force one).
+    """The backend `name` without any check: `select` after its checks, and tests and
+    benchmarks forcing one.
 
     Off CUDA, flex runs uncompiled (dense scores): its padding bucket starts small there."""
     if name not in _FUNCTIONS:

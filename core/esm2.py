@@ -243,7 +243,7 @@ class ESM2Encoder:
     (device work, no sync) let a caller overlap the two; `embed` does both.
     """
 
-    loaded_from = "given"  # load_esm2 sets it: "cache", "source", "source (cached now)" or "source (caching)", for the log
+    loaded_from = "given"  # esm2_encoder and load_esm2 set it: "cache", "source", "source (cached now)" or "source (caching)", for the log
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 MIN_BATCH_TOKENS = 1024  # the smallest budget derived from free GPU memory
+FREE_MEMORY_SHARE = 0.5  # of the free GPU memory (measured when the encoder is built) one batch may take at its peak
 # CPU GEMMs (torch 2.13) take another kernel for fewer than 4 rows, which rounds differently:
 # a sequence packed alone in a batch that small would get other bits than in a larger one.
 MIN_BATCH_ROWS = 4
@@ -144,18 +145,17 @@ def auto_batch_tokens(
     device: torch.device,
     bytes_per_token: int,
     cap: int,
-    share: float = 0.5,
     cpu_default: int = 4096,
 ) -> int:
-    """Token budget for one packed batch: `share` of the free GPU memory over the bytes one
-    token needs at peak, capped at `cap` and rounded down to a multiple of 1024.
+    """Token budget for one packed batch: `FREE_MEMORY_SHARE` of the free GPU memory over the
+    bytes one token needs at peak, capped at `cap` and rounded down to a multiple of 1024.
 
     On the CPU (no memory query) it is `cpu_default`.
     """
     if device.type != "cuda":
         return cpu_default
     free, _ = torch.cuda.mem_get_info(device)
-    fitting = int(free * share) // bytes_per_token
+    fitting = int(free * FREE_MEMORY_SHARE) // bytes_per_token
     return max(MIN_BATCH_TOKENS, min(cap, fitting) // 1024 * 1024)
 
 

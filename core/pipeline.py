@@ -84,7 +84,7 @@ class Predictor:
     translates, tokenizes and packs group g + 1 and queues it behind g; only then does it
     wait for g's results and yield them. One thread, so the GIL never slows the kernel
     launches. On the CPU the groups run one after another. `timings` accumulates where the
-    host spent its time (seconds), for the log.
+    host spent its time (seconds), for `benchmarks/bench.py`.
 
     Reuse (`reuse=True`, the default): within one `predict` call (a shard), each distinct
     nucleotide slice and each distinct protein is embedded once and its embedding used for

@@ -34,7 +34,8 @@ becomes that record's `status`, so the record still reaches the per-read table:
 
 - ``empty``: a header with no sequence after it;
 - ``invalid_characters``: a sequence holding something other than letters;
-- ``duplicate_id``: an id seen earlier in the run (see `mark_duplicates`). The first record
+- ``duplicate_id``: an id seen earlier in the run (the job marks it: job/plan.py's
+  `shard_records` with job/seen.py; `mark_duplicates` does it over one stream). The first record
   with an id is scored; each later one is listed with this status and not scored, because
   output rows are keyed by id and two reads with one id cannot be told apart downstream.
 

@@ -66,9 +66,9 @@ def run_batch(config: RunConfig, stop: threading.Event | None = None) -> int:
     """Run (or resume, or report) the job; returns the process exit code.
 
     `stop` is the event the caller's SIGTERM/SIGINT handlers set, when it installed them
-    before importing this module (a stop during start-up then exits 75 too)."""
-    stop = stop or threading.Event()
-    restore_signals = stop_on_signals(stop)
+    before importing this module (a stop during start-up then exits 75 too); without one,
+    the handlers are installed here for the call."""
+    restore_signals = stop_on_signals(stop := threading.Event()) if stop is None else None
     spot = SpotWatcher(config.imds_url, stop.set)
     spot.start()
     log = get_logger(output=config.output)
@@ -92,7 +92,8 @@ def run_batch(config: RunConfig, stop: threading.Event | None = None) -> int:
         return code
     finally:
         spot.stop()
-        restore_signals()
+        if restore_signals is not None:
+            restore_signals()
 
 
 class _BatchRun:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 class RunConfig:
     """Everything `virnucpro run` was asked to do.
 
-    Fields that change results (models, chunk length) are recorded in the run manifest and
-    compared on resume; the rest only steer how the work is done.
+    Fields that change results (the models, chunk length, group size, reuse, threshold and
+    which optional outputs are written: job/batch.py's settings) are recorded in the plan
+    header (`_run/plan.json`) and compared on resume; the rest only steer how the work is done.
     """
 
     inputs: tuple[str, ...]

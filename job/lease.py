@@ -236,10 +236,10 @@ class Renewer(threading.Thread):
     Usable as a context manager: started on entry, stopped on exit.
     """
 
-    def __init__(self, lease: Lease, log: Any, interval: float | None = None) -> None:
+    def __init__(self, lease: Lease, log: Any) -> None:
         super().__init__(daemon=True, name=f"renew {lease.key}")
         self.lease, self.log = lease, log
-        self.interval = lease.lease_seconds / 3 if interval is None else interval
+        self.interval = lease.lease_seconds / 3
         self._stopped = threading.Event()
 
     def changes(self) -> dict[str, object]:

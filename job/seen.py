@@ -5,7 +5,7 @@ earlier anywhere in the run, at 10^8 reads, without a Python object per read. Ea
 reduced to its 128-bit XXH3 digest (xxhash, 0.3 us an id here against 1.9 us for blake2b);
 digests of ids already seen live in a few sorted runs of two uint64 arrays (high and low
 halves, sorted by the high half), merged LSM-style (a new run is merged into the last one
-while that is at most twice its size), so there are O(log n) runs and each digest is
+while that is at most `MERGE_RATIO` times its size), so there are O(log n) runs and each digest is
 re-sorted O(log n) times. A batch is checked with one vectorised `searchsorted` per run.
 
 Collision safety: two distinct ids are taken for one when their 128-bit digests are equal.

@@ -73,13 +73,12 @@ def _ec2_firmware(dmi_dir: str, hypervisor_uuid: str) -> bool:
 
 
 class SpotWatcher(threading.Thread):
-    def __init__(self, imds_url: str, on_notice: Callable[[], None], poll_seconds: float = POLL_SECONDS) -> None:
+    def __init__(self, imds_url: str, on_notice: Callable[[], None]) -> None:
         """`imds_url`: a URL, or "auto" (see metadata_url); None resolved means no polling."""
         super().__init__(daemon=True, name="spot-watcher")
         url = metadata_url(imds_url)
         self.base_url = url.rstrip("/") if url is not None else None
         self.on_notice = on_notice
-        self.poll_seconds = poll_seconds
         self._stopped = threading.Event()
         # The metadata service is link-local: never go through an HTTP(S)_PROXY.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -98,7 +97,7 @@ class SpotWatcher(threading.Thread):
                 return
             if status == 401:  # the token expired
                 token = self._token() or token
-            if self._stopped.wait(self.poll_seconds):
+            if self._stopped.wait(POLL_SECONDS):
                 return
 
     def stop(self) -> None:

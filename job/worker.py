@@ -143,11 +143,10 @@ class Worker:
         predictor: Predictor,
         device: str,
         stop: threading.Event,
-        observer: ExpiryObserver | None = None,
     ) -> None:
         self.spec, self.config, self.store, self.plan, self.stop = spec, spec.config, store, plan, stop
         self.predictor, self.device = predictor, device
-        self.observer = observer or ExpiryObserver()
+        self.observer = ExpiryObserver()
         self.owner = f"{owner_prefix(os.getpid())}{uuid.uuid4().hex[:6]}"
         self.log = get_logger(run_id=plan.run_id, worker=self.owner)
         self.current: ShardLease | None = None  # the lease held now, for stop_now()
