@@ -15,9 +15,7 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import threading
-import urllib.request
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,9 +36,6 @@ from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepar
 DEFAULT_BATCH_TOKENS = 4096  # tokens per packed batch when the caller gives no budget
 POOLED_RESIDUES = 1024  # the published pooling averages at most this many residues
 MASK_RATIO_TRAIN = 0.15 * 0.8  # fair-esm's token-dropout constant: 15% masked, 80% of them <mask>
-HUB_URL = "https://dl.fbaipublicfiles.com/fair-esm/models"  # where fair-esm downloads models
-DOWNLOAD_TIMEOUT_S = 60
-MODEL_NAME = re.compile(r"esm2_t\d+_\d+[MB]_UR50D")
 CHECKPOINT_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
 # Contact-prediction weights ship in a separate file that embeddings never need.
 OPTIONAL_KEYS = ("contact_head.regression.weight", "contact_head.regression.bias")
@@ -365,7 +360,7 @@ def load_esm2(
     compile: bool | None = None,
     cache: WeightsCache | None = None,
 ) -> ESM2Encoder:
-    """ESM-2 from a fair-esm checkpoint file, or from a fair-esm model name (downloaded once).
+    """ESM-2 from a fair-esm checkpoint file (job/models.py fetches one given by name).
 
     On CUDA the weights are loaded straight into fp16 and the model runs compiled;
     batch_tokens None derives the packed batch size from free GPU memory. With `cache` (keyed
@@ -433,35 +428,12 @@ def model_from_cache(cache: WeightsCache, device: torch.device, dtype: torch.dty
 
 def _checkpoint_path(source: str) -> Path:
     path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if not MODEL_NAME.fullmatch(source):
+    if not path.is_file():
         raise ModelLoadError(
-            f"ESM-2 model {source!r}: no such file, and not a fair-esm ESM-2 model name "
-            "(e.g. esm2_t36_3B_UR50D)"
+            f"ESM-2 model {source!r}: no such file; pass the path of a fair-esm checkpoint "
+            "(e.g. esm2_t36_3B_UR50D.pt; `virnucpro run` also takes an s3:// URI or the model's name)"
         )
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{source}.pt"  # where fair-esm keeps it
-    if not cached.is_file():
-        _download(f"{HUB_URL}/{source}.pt", cached, source)
-    return cached
-
-
-def _download(url: str, destination: Path, name: str) -> None:
-    """Fetch url to destination atomically; fails within DOWNLOAD_TIMEOUT_S when offline."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    part = tempfile.NamedTemporaryFile(dir=destination.parent, prefix=f".{name}.", delete=False)
-    try:
-        with part, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            while block := response.read(1 << 24):
-                part.write(block)
-        os.replace(part.name, destination)
-    except OSError as error:
-        raise ModelLoadError(
-            f"cannot download ESM-2 model {name!r} from {url} ({error}); download that file "
-            f"where there is network access and pass its local path instead of the name"
-        ) from None
-    finally:
-        Path(part.name).unlink(missing_ok=True)
+    return path
 
 
 def read_checkpoint(path: Path) -> dict:

@@ -1,7 +1,9 @@
 """Model arguments made local and checksummed, so a run can tell whether its models changed.
 
 An `s3://` model (a file, or a directory prefix for DNABERT-S) is downloaded once into the
-model cache and reused while its ETags stay the same. Every model's sha256 (of the file, or
+model cache and reused while its ETags stay the same; a fair-esm model name
+(`esm2_t36_3B_UR50D`) is downloaded once from fair-esm's site into torch's hub cache, where
+fair-esm keeps it. Every model's sha256 (of the file, or
 of the sorted per-file digests of a directory) is recorded in the plan; a name that is
 neither a local path nor an S3 URI (a hub id) is recorded as given; a local model's digest is
 remembered in the model cache while its files keep their sizes and times, and so is the
@@ -16,9 +18,12 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
+import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
 
+from core.errors import ModelLoadError
 from job import s3
 from job.errors import BadInput, Interrupted
 
@@ -36,6 +42,9 @@ if TYPE_CHECKING:
 _BLOCK = 8 * 2**20
 STALE_STAGING_SECONDS = 3600  # a staging directory unchanged this long belongs to a killed download
 RACY_SECONDS = 2  # coarser than any file system clock tick the model cache may sit on
+FAIR_ESM_URL = "https://dl.fbaipublicfiles.com/fair-esm/models"  # where fair-esm downloads its models
+FAIR_ESM_NAME = re.compile(r"esm2_t\d+_\d+[MB]_UR50D")
+DOWNLOAD_TIMEOUT_S = 60
 CHECKS_VERSION = 1  # bump when core.pipeline.check_models checks something new: earlier answers are unused
 
 
@@ -62,7 +71,38 @@ def localize_model(
     path = Path(source).expanduser()
     if path.exists():
         return LocalModel(source, str(path), remembered_sha256(path, Path(cache_dir).expanduser() / "digests"))
+    if FAIR_ESM_NAME.fullmatch(source):
+        return LocalModel(source, str(fair_esm_checkpoint(source, stop or threading.Event())), None)
     return LocalModel(source, source, None)
+
+
+def fair_esm_checkpoint(name: str, stop: threading.Event) -> Path:
+    """The checkpoint of the fair-esm model `name` in torch's hub cache, downloaded there once
+    (as `esm.pretrained` does) when missing; a download gives up (Interrupted) once `stop`
+    is set, and fails within DOWNLOAD_TIMEOUT_S when offline, leaving no partial file."""
+    import torch.hub  # the parent imports torch for its model checks anyway
+
+    destination = Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
+    if destination.is_file():
+        return destination
+    url = f"{FAIR_ESM_URL}/{name}.pt"
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    part = tempfile.NamedTemporaryFile(dir=destination.parent, prefix=f".{name}.", delete=False)
+    try:
+        with part, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            while block := response.read(_BLOCK):
+                if stop.is_set():
+                    raise Interrupted(f"stopped while downloading ESM-2 model {name!r}")
+                part.write(block)
+        os.replace(part.name, destination)
+    except OSError as error:
+        raise ModelLoadError(
+            f"cannot download ESM-2 model {name!r} from {url} ({error}); download that file "
+            f"where there is network access and pass its local path instead of the name"
+        ) from None
+    finally:
+        Path(part.name).unlink(missing_ok=True)
+    return destination
 
 
 def sha256_path(path: Path) -> str:

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from core.dnabert import load_dnabert, write_demo_model
+from core.errors import ModelLoadError
+from job.errors import Interrupted
 from core.esm2 import load_esm2, write_demo_checkpoint
 from core.model_cache import (
     WeightsCache,
@@ -330,6 +332,57 @@ def test_a_model_checksum_is_remembered_while_its_files_keep_their_size_and_time
     assert changed == sha256_path(esm) != before
     hashed.clear()
     assert job.models.remembered_sha256(esm, memo) == changed and hashed  # just written: not remembered yet
+
+
+def test_a_fair_esm_model_name_is_fetched_once_into_the_hub_cache(models, tmp_path, monkeypatch):
+    """`--esm-model esm2_t36_3B_UR50D`: downloaded by the job (never by core) where fair-esm
+    keeps it, then read from there with no network; offline, a clear error and no partial file."""
+    import urllib.error
+    import urllib.request
+
+    from job.models import localize_model
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(ModelLoadError) as raised:
+        localize_model("esm2_t36_3B_UR50D", str(tmp_path / "cache"), None)
+    assert "esm2_t36_3B_UR50D" in str(raised.value) and "local path" in str(raised.value)
+    assert list((hub / "checkpoints").iterdir()) == []  # no partial download left
+
+    class Site:  # serves the demo checkpoint in blocks, as the site would serve the real one
+        def __init__(self, url, timeout):
+            assert url == "https://dl.fbaipublicfiles.com/fair-esm/models/esm2_t2_1M_UR50D.pt" and timeout > 0
+            self.body = models["esm"].read_bytes()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, size):
+            block, self.body = self.body[:size], self.body[size:]
+            return block
+
+    monkeypatch.setattr(urllib.request, "urlopen", Site)
+    stopped = threading.Event()
+    stopped.set()
+    with pytest.raises(Interrupted):
+        localize_model("esm2_t2_1M_UR50D", str(tmp_path / "cache"), None, stopped)
+    assert list((hub / "checkpoints").iterdir()) == []
+    fetched = localize_model("esm2_t2_1M_UR50D", str(tmp_path / "cache"), None)
+    assert Path(fetched.path) == hub / "checkpoints" / "esm2_t2_1M_UR50D.pt"
+    assert fetched.identity() == {"name": "esm2_t2_1M_UR50D"}  # the plan records the name, as before
+    assert Path(fetched.path).read_bytes() == models["esm"].read_bytes()
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert localize_model("esm2_t2_1M_UR50D", str(tmp_path / "cache"), None).path == fetched.path
+    torch.testing.assert_close(load_esm2(fetched.path, CPU).embed(PROTEINS[:2]),
+                               load_esm2(str(models["esm"]), CPU).embed(PROTEINS[:2]))
 
 
 def test_a_local_model_is_checksummed_through_the_memo(models, tmp_path):
