@@ -361,7 +361,8 @@ def load_predictor(
     warm_up: bool = False,
     stop: threading.Event | None = None,
 ) -> Predictor:
-    """Load the three models from local paths (or names the libraries can resolve).
+    """Load the three models from local paths (DNABERT-S also by a hub id in the local Hugging
+    Face cache).
 
     compile None runs the engine compiled on CUDA and eagerly on the CPU; False keeps it
     eager (slower; for debugging the compiler away), True compiles it on the CPU too.
