@@ -52,7 +52,7 @@ from job.models import LocalModel, checked_models, localize_model
 from job.plan import PLANNER_KEY, Plan, Planner, load_plan, plan_header
 from job.shards import charge_dead_worker, reopen_failed
 from job.spot import SpotWatcher
-from job.status import RunStatus, run_status
+from job.status import RunStatus, RunWatch, run_status
 from job.signals import stop_on_signals
 from job.store import Store, open_store
 from job.worker import WorkerSpec, command, owner_prefix
@@ -228,8 +228,8 @@ class _BatchRun:
         # its import (~0.6 CPU s, holding the GIL) slowed the threads fetching the parts by ~1 s.
         threading.Thread(target=importlib.import_module, args=("job.report",), daemon=True).start()
         processes = workers.processes
-        bar = for_people(self.config.log_format)  # a progress bar instead of JSON progress lines
-        last_progress = time.monotonic()
+        progress = _Progress(RunWatch(store, plan), for_people(self.config.log_format), self.log)
+        progress.start()
         killed: list[str] = []
         charged: set[int] = set()
         while True:
@@ -247,17 +247,8 @@ class _BatchRun:
                 workers.terminate()  # bad input, or the planner here failed: the run stops
             if workers.kill_late():
                 self.log.error("killing_workers", message="workers did not stop within the grace period")
-            if time.monotonic() - last_progress >= (BAR_SECONDS if bar else PROGRESS_SECONDS):
-                last_progress = time.monotonic()
-                status = run_status(store)
-                if status is not None and bar:
-                    _show_bar(status)
-                elif status is not None:
-                    self.log.info("progress", **status.as_dict())
             time.sleep(0.2)
-        if bar and (status := run_status(store)) is not None:
-            _show_bar(status)
-            print(file=sys.stderr, flush=True)  # the bar's last state stays on screen
+        progress.finish(last_look=not self.stop.is_set())
         return [process.returncode for process in processes], killed
 
     def _charge(self, store: Store, plan: Plan, process: subprocess.Popen) -> str:
@@ -449,6 +440,43 @@ def _visible_gpus(config: RunConfig) -> list[str]:
     if "CUDA_VISIBLE_DEVICES" in os.environ:
         return [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()][:count]
     return [str(i) for i in range(count)]
+
+
+class _Progress(threading.Thread):
+    """How far the run is, while the workers run: a bar redrawn every BAR_SECONDS for a
+    person, a `progress` log line every PROGRESS_SECONDS otherwise. Its own thread, because
+    a look at a large run reads thousands of shard records (seconds, at 10^8 reads half a
+    minute while planning) and the loop that forwards a stop to the workers must not wait
+    on it: past the grace period the workers would be killed with their work uncommitted."""
+
+    def __init__(self, watch: RunWatch, bar: bool, log: Any) -> None:
+        super().__init__(daemon=True, name="progress")
+        self.watch, self.bar, self.log = watch, bar, log
+        self._finished = threading.Event()
+
+    def run(self) -> None:
+        while not self._finished.wait(BAR_SECONDS if self.bar else PROGRESS_SECONDS):
+            self._show()
+
+    def finish(self, last_look: bool) -> None:
+        """Stop; for a person, with the bar's final state left on screen unless the run was
+        stopped (then the exit must not wait on a look)."""
+        self._finished.set()
+        if self.bar and last_look:
+            self.join()
+            self._show()
+            print(file=sys.stderr, flush=True)
+
+    def _show(self) -> None:
+        try:
+            status = self.watch.look()
+        except Exception as exc:  # noqa: BLE001 - progress is for display: the next look may work
+            self.log.warning("progress_unavailable", error=f"{type(exc).__name__}: {exc}")
+            return
+        if self.bar:
+            _show_bar(status)
+        else:
+            self.log.info("progress", **status.as_dict())
 
 
 def _show_bar(status: RunStatus) -> None:

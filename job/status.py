@@ -69,13 +69,29 @@ class RunStatus:
 def run_status(store: Store, plan: Plan | None = None) -> RunStatus | None:
     """The run's status, or None when there is no run under the store."""
     plan = plan or load_plan(store)
-    if plan is None:
-        return None
-    marker = read_marker(store)
-    plan = load_plan(store, plan) or plan  # shards published since
-    with ThreadPoolExecutor(16) as pool:
-        states = list(pool.map(lambda shard: read_shard(store, shard.index)[0], plan.shards))
-    return summarize(plan, states, None if marker is None else marker[0])
+    return None if plan is None else RunWatch(store, plan).look()
+
+
+class RunWatch:
+    """A run looked at again and again (the running job's progress): each look reads the
+    shards published since the last one and the records of the shards not final yet, not
+    the whole run again. At 10^8 reads (5,000 shards) a full look is 5,000 GETs, about 12 s
+    of client CPU; a final shard (done or failed) stays final while the job runs."""
+
+    def __init__(self, store: Store, plan: Plan) -> None:
+        self.store, self.plan = store, plan
+        self._final: dict[int, ShardState] = {}
+
+    def look(self) -> RunStatus:
+        marker = read_marker(self.store)
+        self.plan = load_plan(self.store, self.plan) or self.plan  # shards published since
+        unsettled = [shard.index for shard in self.plan.shards if shard.index not in self._final]
+        with ThreadPoolExecutor(16) as pool:
+            read = dict(zip(unsettled, pool.map(lambda index: read_shard(self.store, index)[0], unsettled)))
+        self._final.update((index, state) for index, state in read.items() if state.final)
+        states = [self._final[shard.index] if shard.index in self._final else read[shard.index]
+                  for shard in self.plan.shards]
+        return summarize(self.plan, states, None if marker is None else marker[0])
 
 
 def summarize(plan: Plan, states: list[ShardState], finished: str | None, now: float | None = None) -> RunStatus:

@@ -15,12 +15,13 @@ import boto3
 import pytest
 
 import job.plan
+import job.status
 from job.errors import BadInput
 from job.inputs import InputChanged, open_input, resolve_inputs
 from job.plan import DONE_KEY, Planner, load_plan, plan_header, plan_run, shard_plan_key, shard_records
 from job.seen import SeenIds
-from job.shards import shard_key
-from job.status import run_status
+from job.shards import read_shard, shard_key
+from job.status import RunStatus, RunWatch, run_status
 from job.store import LocalStore
 from job_support import bucket, s3_endpoint  # noqa: F401 (fixtures)
 
@@ -126,6 +127,16 @@ def test_first_shard_is_claimed_before_planning_ends(tmp_path: Path, monkeypatch
     assert result == [0] and plan.complete and plan.total_reads == 400
     done = run_status(store)
     assert done.planned and done.reads == 400 and done.reads_committed == 400
+    # The job's progress looks again and again: the shards found final are not read again
+    watch = RunWatch(store, header)
+
+    def counts(status: RunStatus) -> tuple:
+        return status.shards, status.done, status.reads, status.reads_committed, status.planned
+
+    assert counts(watch.look()) == counts(done) == (20, 20, 400, 400, True)
+    read: list[int] = []
+    monkeypatch.setattr(job.status, "read_shard", lambda store, index: read.append(index) or read_shard(store, index))
+    assert counts(watch.look()) == counts(done) and read == []
 
 
 def test_automatic_shard_size(tmp_path: Path) -> None:

@@ -221,6 +221,36 @@ def test_a_stop_mid_group_releases_the_lease_within_the_grace_period(demo_models
     assert resumed.returncode == 0, resumed.stderr
 
 
+SLOW_PROGRESS = """
+import sys, time
+import job.batch, job.status
+
+def slow_look(self):  # as a look at a run of 5,000 shards on S3: about a minute while planning
+    time.sleep(120)
+
+job.batch.PROGRESS_SECONDS = 0.2
+job.status.RunWatch.look = slow_look
+from job.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_reaches_the_workers_at_once_while_the_progress_look_is_slow(demo_models: Path, tmp_path: Path) -> None:
+    """The progress look ran in the loop that forwards a stop to the workers: at 10^8 reads a
+    SIGTERM waited up to a minute for it, past the grace period, and the workers were killed."""
+    args, out = long_group_job(demo_models, tmp_path)
+    job = JobProcess([sys.executable, "-c", SLOW_PROGRESS, *args[3:]], subprocess_env())
+    assert job.wait_for("shard_claimed") is not None, job.log_text
+    time.sleep(1)  # the progress thread is inside its first look now
+    stopped = time.monotonic()
+    job.process.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == 75, job.log_text
+    assert time.monotonic() - stopped < 2 + 5 + 3, "the stop waited for the progress look"
+    events = [e["event"] for e in job.events]
+    assert "killing_workers" not in events and "shard_released" in events, job.log_text
+    assert shard_states(str(out))[0].owner is None
+
+
 def test_workers_stop_within_the_grace_period_when_their_parent_dies(demo_models: Path, tmp_path: Path) -> None:
     args, out = long_group_job(demo_models, tmp_path)
     job = JobProcess(args, subprocess_env())
