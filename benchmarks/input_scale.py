@@ -22,7 +22,8 @@ Pieces (each in its own process, so that its peak RSS is its own):
   ISA-L and indexed_gzip (which also builds a restart-point index), ISA-L and zlib level-1
   deflate, index bytes per restart point (indexed_gzip is optional, not a dependency);
 - merge: the merge alone over generated parts of a finished run (local output, and a moto
-  S3 server on 127.0.0.1 with --s3): reads/s and peak RSS. The report's matplotlib is
+  S3 server on 127.0.0.1 with --s3): reads/s, peak RSS, and the peak size of its temporary
+  directory beside the highest-score file it sorts there. The report's matplotlib is
   imported before the merge is timed, as the job's supervisor imports it while its workers
   run (job/batch.py); its import time is printed apart.
 """
@@ -38,6 +39,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -295,12 +297,19 @@ def _merge(reads: int, work: Path, s3: bool) -> dict:
     report_import = time.perf_counter() - started
     before = _peak_rss_mib()
     server_cpu = _cpu_seconds(server.pid) if server is not None else 0.0
+    scratch = work / "merge-tmp"  # the merge's temporary directory, its size sampled while it runs
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    tempfile.tempdir = str(scratch)
+    sampler = _PeakSize(scratch)
     started, cpu_started = time.perf_counter(), time.process_time()
     inputs = MergeInputs(write_features=False, feature_dim=4, demo_models=False, endpoint_url=None, lease_seconds=60)
     claim = MergeClaim(store, "bench", 60)
     assert claim.acquire()
-    marker, summary = merge(store, complete, inputs, claim, threading.Event())
+    with sampler:
+        marker, summary = merge(store, complete, inputs, claim, threading.Event())
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    tempfile.tempdir = None
     server_cpu = _cpu_seconds(server.pid) - server_cpu if server is not None else 0.0
     assert marker == "_SUCCESS" and summary["reads"] == reads
     return {
@@ -311,7 +320,39 @@ def _merge(reads: int, work: Path, s3: bool) -> dict:
         **({"server_cpu_seconds": round(server_cpu, 2)} if server is not None else {}),
         "peak_rss_mib": round(_peak_rss_mib(), 1), "rss_before_merge_mib": round(before, 1),
         "run_rows": job.merge.RUN_ROWS, "report_import_seconds_before_merge": round(report_import, 2),
+        # local disk the merge needed besides the output, sampled every 0.05 s; beside the
+        # highest-score file, which its sorted runs (on that disk) hold once
+        "peak_tmp_mb": round(sampler.peak / 1e6, 1),
+        "highest_mb": round(summary["files"]["prediction_results_highestscore.csv"]["bytes"] / 1e6, 1),
     }
+
+
+class _PeakSize(threading.Thread):
+    """The largest total size of the files under a directory while the block runs."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(daemon=True)
+        self.directory, self.peak = directory, 0
+        self._done = threading.Event()
+
+    def __enter__(self) -> _PeakSize:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self.join()
+
+    def run(self) -> None:
+        while not self._done.wait(0.05):
+            total = 0
+            for root, _dirs, files in os.walk(self.directory):
+                for name in files:
+                    try:
+                        total += os.lstat(os.path.join(root, name)).st_size
+                    except FileNotFoundError:  # removed while walked
+                        pass
+            self.peak = max(self.peak, total)
 
 
 def _gzip_options(paths: list[Path], work: Path) -> dict:

@@ -61,6 +61,7 @@ def test_highest_rows_sorted_as_bytes_come_out_in_text_order(tmp_path: Path, mon
     """The merge sorts UTF-8 bytes: the order must be that of the text (code points), across runs on disk."""
     monkeypatch.setattr(job.merge, "RUN_ROWS", 7)  # many runs, merged in levels
     monkeypatch.setattr(job.merge, "MAX_OPEN_RUNS", 3)
+    monkeypatch.setattr(job.merge, "WRITE_ROWS", 11)  # blocks that end anywhere
     rng = random.Random(5)
     alphabet = "aAzé€ü\U0001f600_-.0"
     ids = {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(300)}
@@ -70,6 +71,6 @@ def test_highest_rows_sorted_as_bytes_come_out_in_text_order(tmp_path: Path, mon
     for start in range(0, len(rows), 5):
         runs.add(sorted(line.encode() for line in rows[start:start + 5]))
     with open(tmp_path / "out", "wb") as out:
-        assert runs.write_merged(out) == len(rows)
+        assert runs.write_merged(out.write) == len(rows)
     expected = sorted(rows, key=lambda line: line.split("\t", 1)[0])
     assert (tmp_path / "out").read_text(encoding="utf-8").splitlines(keepends=True) == expected
