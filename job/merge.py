@@ -283,6 +283,11 @@ def _assemble(
                     reads.write(line.encode())
                     stats.add_row(line)
                     outcomes[SHARD_FAILED] += 1
+    if (listed := sum(outcomes.values())) != plan.total_reads:  # before any output is visible
+        raise RuntimeError(
+            f"the merge listed {listed} reads but the plan holds {plan.total_reads}: no output is "
+            "written, so that no read goes missing silently; this is a bug, please report it"
+        )
     uploads.submit(PREDICTIONS, predictions)
     uploads.submit(READS, reads)
     if viral is not None:

@@ -70,6 +70,35 @@ SAMPLES = {
 }
 
 
+def test_a_merge_that_would_lose_reads_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every read of the plan is listed in reads.tsv: a merge whose parts account for fewer
+    (a bug, or a damaged store) stops before any output is visible, rather than finishing a
+    run with reads missing."""
+    import dataclasses
+
+    import job.merge
+
+    run, store = start(tmp_path, SAMPLES, shard_reads=5, group_reads=2, checkpoint_seconds=0.0)
+    decode = job.merge.decode_rows
+    dropped: list[str] = []
+
+    def one_read_short(data: bytes, key: str):  # the first part loses its first read
+        rows = decode(data, key)
+        if dropped:
+            return rows
+        first, rest = rows.reads.split(b"\n", 1)
+        dropped.append(first.decode())
+        outcomes = dict(rows.outcomes)
+        fields = first.decode().split("\t")
+        outcomes[fields[5] if fields[5] != "none" else fields[6]] -= 1  # its call, or why it has none
+        return dataclasses.replace(rows, reads=rest, outcomes=outcomes)
+
+    monkeypatch.setattr(job.merge, "decode_rows", one_read_short)
+    with pytest.raises(RuntimeError, match="the merge listed 23 reads but the plan holds 24"):
+        finish(run, store)
+    assert dropped and sorted(p.name for p in Path(run.output).iterdir()) == ["_run"]
+
+
 def test_threshold_flips_calls_exactly_at_the_threshold_and_never_the_published_files(tmp_path: Path) -> None:
     outputs = {}
     for name, threshold in (("default", None), ("at", "SCORE"), ("above", "NEXT")):
