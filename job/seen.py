@@ -57,12 +57,30 @@ class SeenIds:
 
     def _push(self, high: np.ndarray, low: np.ndarray) -> None:
         while self._runs and len(self._runs[-1][0]) <= MERGE_RATIO * len(high):
-            last_high, last_low = self._runs.pop()
-            high, low = np.concatenate([last_high, high]), np.concatenate([last_low, low])
-            order = np.argsort(high, kind="stable")
-            high, low = high[order], low[order]
+            high, low = _merged(*self._runs.pop(), high, low)
         if len(high):
             self._runs.append((high, low))
+
+
+def _merged(
+    old_high: np.ndarray, old_low: np.ndarray, new_high: np.ndarray, new_low: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two runs as one, sorted by the high half, in linear time and little more memory than
+    the result: each new digest's place is found by binary search in the old run, and the old
+    digests fill the other places. (A concatenation and an argsort held the inputs, their
+    concatenation, the order and the sorted copy at once: 3x the digests at the peak,
+    4.7 GiB at 10^8 reads.)"""
+    total = len(old_high) + len(new_high)
+    places = np.searchsorted(old_high, new_high, side="right") + np.arange(len(new_high))
+    old_places = np.ones(total, bool)
+    old_places[places] = False
+    merged = []
+    for old, new in ((old_high, new_high), (old_low, new_low)):
+        both = np.empty(total, old.dtype)
+        both[places] = new
+        both[old_places] = old
+        merged.append(both)
+    return merged[0], merged[1]
 
 
 def _member(run_high: np.ndarray, run_low: np.ndarray, high: np.ndarray, low: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
 
 import job.plan
@@ -165,6 +166,7 @@ def test_seen_ids_finds_every_repeat_and_only_repeats(monkeypatch: pytest.Monkey
         got.extend(seen.add(batch).tolist())
     assert got == expected and len(seen) == len(reference) and seen.nbytes == 16 * len(reference)
     assert len(seen._runs) <= 12  # merged LSM-style: a few runs, not one per batch
+    assert all(bool(np.all(high[1:] >= high[:-1])) for high, _low in seen._runs)  # what searchsorted needs
     # distinct ids whose digests share the high half are still told apart by the low half
     import job.seen
 
