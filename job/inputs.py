@@ -3,7 +3,11 @@
 A URI is a local file or directory, or an S3 object or prefix. A directory or prefix stands
 for the read files under it (by name: FASTA .fa, .fasta, .fna, .ffn, .fas, .seq and FASTQ
 .fastq, .fq, each optionally .gz), in sorted order, so the same arguments always give the
-same reads in the same order; the format itself is told by content (core/reads.py).
+same reads in the same order; the format itself is told by content (core/reads.py). Two
+kinds of file under a directory are passed over, and logged (`inputs_skipped`): hidden ones
+(a name starting with a dot: macOS's `._x.fa` copies, editors' files) and those inside a
+VirNucPro output (a directory holding `_run/`), such as an --output kept under the input
+directory, whose viral_reads.fa.gz would otherwise become an input of the next run.
 
 A fingerprint tells a resumed run whether an input changed under it: size plus, for S3,
 the ETag, and for a local file its modification time, change time and inode (an edit that
@@ -24,8 +28,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from job import s3
 from job.errors import BadInput
+from job.log import get_logger
 
 READ_SUFFIXES = (".fa", ".fasta", ".fna", ".ffn", ".fas", ".seq", ".fastq", ".fq")
+RUN_DIR = "_run"  # a VirNucPro output's own directory (job/plan.py's keys live under it)
 READ_BLOCK = 8 * 2**20
 STREAM_RETRIES = 5  # re-GETs of an S3 input's rest after its stream broke
 
@@ -184,10 +190,34 @@ def _is_reads(name: str) -> bool:
     return name.lower().removesuffix(".gz").endswith(READ_SUFFIXES)
 
 
+def _reads_under(uri: str, names: list[str]) -> list[str]:
+    """The read files among a directory's or prefix's files (`names`: '/'-separated, relative
+    to it), passing over hidden files and VirNucPro outputs (module docstring), logged."""
+    parts = [name.split("/") for name in names]
+    outputs = {tuple(p[:p.index(RUN_DIR)]) for p in parts if RUN_DIR in p[:-1]}
+    kept, hidden, in_outputs = [], 0, 0
+    for name, p in zip(names, parts):
+        if not _is_reads(p[-1]):
+            continue
+        if any(tuple(p[:depth]) in outputs for depth in range(len(p))):
+            in_outputs += 1
+        elif any(part.startswith(".") for part in p):
+            hidden += 1
+        else:
+            kept.append(name)
+    if hidden or in_outputs:
+        get_logger().info(
+            "inputs_skipped", input=uri, hidden_files=hidden, files_in_outputs=in_outputs,
+            outputs=sorted("/".join((uri.rstrip("/"), *root)) for root in outputs),
+        )
+    return kept
+
+
 def _local_objects(uri: str) -> list[InputObject]:
     path = Path(uri).expanduser().absolute()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if _is_reads(p.name) and not p.is_dir())
+        names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir())
+        files = [path / name for name in _reads_under(uri, names)]
         for file in files:
             if not file.is_file():
                 raise BadInput(
@@ -211,7 +241,8 @@ def _s3_objects(fs, uri: str) -> list[InputObject]:  # noqa: ANN001 (s3fs.S3File
         if fs.isfile(path):
             infos = [fs.info(path)]
         elif fs.isdir(path):
-            infos = [fs.info(p) for p in sorted(fs.find(path)) if _is_reads(p)]
+            names = [p.removeprefix(f"{path}/") for p in sorted(fs.find(path))]
+            infos = [fs.info(f"{path}/{name}") for name in _reads_under(uri, names)]
         else:
             infos = None
     except PermissionError as exc:

@@ -119,6 +119,34 @@ def test_inputs_named_twice_tabs_in_names_and_broken_links_are_refused(tmp_path:
         resolve_inputs((str(tmp_path),), None)
 
 
+def test_a_directory_input_passes_over_hidden_files_and_virnucpro_outputs(
+    tmp_path: Path, bucket: str,  # noqa: F811
+) -> None:
+    """An --output kept under the input directory: its viral_reads.fa.gz was read as an input
+    by the next run (and refused a rerun as an added input); macOS's ._ copies stopped the run."""
+    layout = {
+        "sample.fa": b">r1\nACGT\n",
+        "lane/s_2.fq": b"@r2\nACGT\n+\nIIII\n",
+        "._sample.fa": b"\0\x05\x16\x07 AppleDouble",
+        ".cache/old.fa": b">r3\nACGT\n",
+        "run1/viral_reads.fa.gz": gzip.compress(b">r1\nACGT\n"),
+        "run1/_run/plan.json": b"{}",
+        "run1/_run/copies/0.fa.gz": gzip.compress(b">r1\nACGT\n"),
+        "run1b/notes.fa": b">r4\nACGT\n",  # a sibling whose name starts like the output's
+    }
+    s3 = boto3.client("s3")
+    for name, body in layout.items():
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_bytes(body)
+        s3.put_object(Bucket=bucket, Key=f"data/{name}", Body=body)
+    local = resolve_inputs((str(tmp_path / "data"),), None)
+    assert [obj.uri for obj in local] == [str(tmp_path / "data" / n) for n in ("lane/s_2.fq", "run1b/notes.fa", "sample.fa")]
+    remote = resolve_inputs((f"s3://{bucket}/data/",), None)
+    assert [obj.uri for obj in remote] == [f"s3://{bucket}/data/{n}" for n in ("lane/s_2.fq", "run1b/notes.fa", "sample.fa")]
+    assert [obj.uri for obj in resolve_inputs((str(tmp_path / "data" / "._sample.fa"),), None)] == [
+        str(tmp_path / "data" / "._sample.fa")]  # a file named on its own is read as named
+
+
 def test_the_files_of_a_pair_are_told_by_their_names_and_a_plan_of_before_has_no_mates(tmp_path: Path) -> None:
     def mates(*names: str) -> tuple[int, ...]:
         return pair_mates([InputObject(name, 1, "v") for name in names])
