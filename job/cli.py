@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import threading
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--output", required=True, help="the run's --output")
     status.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
-    status.set_defaults(handler=_status)
+    status.set_defaults(handler=_status, parser=status)
 
     demo = commands.add_parser("make-demo-models", help="write tiny random models in the real formats")
     demo.add_argument("directory")
@@ -152,6 +153,7 @@ def _run(args: argparse.Namespace) -> int:
     from job.batch import run_batch
 
     _check_ranges(args)
+    _check_endpoint(args)
     slot, slots = _slot(args, os.environ)
     config = RunConfig(
         inputs=tuple(args.input),
@@ -201,6 +203,16 @@ def _check_ranges(args: argparse.Namespace) -> None:
         args.parser.error(f"--min-virus-score is a probability, from 0 to 1, not {args.min_virus_score}")
 
 
+def _check_endpoint(args: argparse.Namespace) -> None:
+    """Credentials in --s3-endpoint-url (scheme://user:password@host) are refused: botocore
+    does not use them, s3fs waits forever on such a URL, and a URL is easily logged."""
+    if args.s3_endpoint_url and "@" in urllib.parse.urlsplit(args.s3_endpoint_url).netloc:
+        args.parser.error(
+            "--s3-endpoint-url must not hold credentials (user:password@ before the host); give them "
+            "as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or as an AWS profile"
+        )
+
+
 def _slot(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[int | None, int | None]:
     """This machine's slot among `slots`: --slot/--slots, else AWS Batch array, else Kubernetes index."""
     slots = args.slots if args.slots is not None else _int_env(environ, "AWS_BATCH_JOB_ARRAY_SIZE")
@@ -230,6 +242,7 @@ def _status(args: argparse.Namespace) -> int:
     from job.status import run_status
     from job.store import open_store
 
+    _check_endpoint(args)
     try:
         status = run_status(open_store(args.output, args.s3_endpoint_url))
     except (ClientError, BotoCoreError, OSError) as exc:
