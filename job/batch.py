@@ -228,7 +228,7 @@ class _BatchRun:
         # its import (~0.6 CPU s, holding the GIL) slowed the threads fetching the parts by ~1 s.
         threading.Thread(target=importlib.import_module, args=("job.report",), daemon=True).start()
         processes = workers.processes
-        progress = _Progress(RunWatch(store, plan), for_people(self.config.log_format), self.log)
+        progress = _Progress(RunWatch(store, plan, at_work=True), for_people(self.config.log_format), self.log)
         progress.start()
         killed: list[str] = []
         charged: set[int] = set()

@@ -253,7 +253,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"virnucpro: error: no run under {args.output} (no plan yet); check the URI", file=sys.stderr)
         return exit_codes.BAD_INPUT
     print(json.dumps(status.as_dict(), indent=2) if args.json else f"{status.bar()}\n{status.line()}")
-    return exit_codes.OK
+    return exit_codes.BAD_INPUT if status.error else exit_codes.OK
 
 
 def _make_demo_models(args: argparse.Namespace) -> int:

@@ -39,25 +39,40 @@ class RunStatus:
     planned: bool = True  # the plan is complete
     elapsed_s: float = 0.0  # since the run was planned (a finished run: to its last commit)
     scanned: float = 1.0  # share of the input bytes the planner has read
+    error: str | None = None  # the plan stopped on malformed input: the run cannot go on
+    idle: bool = False  # work is left and no shard is leased: no job is working on the run
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def state(self) -> str:
+        """The marker once finished; else stopped by bad input, planning, idle or running."""
+        if self.finished:
+            return self.finished
+        if self.error:
+            return "stopped by bad input"
+        if not self.planned:
+            return f"planning {100 * self.scanned:.0f}%"
+        return "idle" if self.idle else "running"
 
     def bar(self, width: int = 100) -> str:
         """One progress-bar line (tqdm's): reads committed of all, percent, reads/s, ETA."""
         rate = f"{self.reads_per_s:.1f} reads/s" if self.reads_per_s is not None else "- reads/s"
         eta = "-" if self.eta_s is None else tqdm.format_interval(self.eta_s)
-        state = self.finished or ("running" if self.planned else f"planning {100 * self.scanned:.0f}%")
         return tqdm.format_meter(
             self.reads_committed, max(self.reads, self.reads_committed), self.elapsed_s, ncols=width,
-            prefix=f"{self.run_id} {state}", unit="reads",
+            prefix=f"{self.run_id} {self.state}", unit="reads",
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} reads [" + f"{rate}, ETA {eta}" + "]",
         )
 
     def line(self) -> str:
         rate = "-" if self.reads_per_s is None else f"{self.reads_per_s:.1f} reads/s"
         eta = "-" if self.eta_s is None else f"{self.eta_s:.0f} s"
-        state = self.finished or "running"
+        if self.error:
+            return f"run {self.run_id}: stopped by bad input: {self.error}"
+        state = self.finished or ("idle (no shard is leased: rerun the same command to resume)" if self.idle
+                                  else "running")
         planning = "" if self.planned else f"; planning: {100 * self.scanned:.0f}% of the input scanned, reads estimated"
         return (
             f"run {self.run_id}: {state}{planning}; shards {self.done} done, {self.leased} leased, "
@@ -78,8 +93,9 @@ class RunWatch:
     the whole run again. At 10^8 reads (5,000 shards) a full look is 5,000 GETs, about 12 s
     of client CPU; a final shard (done or failed) stays final while the job runs."""
 
-    def __init__(self, store: Store, plan: Plan) -> None:
-        self.store, self.plan = store, plan
+    def __init__(self, store: Store, plan: Plan, at_work: bool = False) -> None:
+        """`at_work`: the job running the run is the one looking (see `summarize`)."""
+        self.store, self.plan, self.at_work = store, plan, at_work
         self._final: dict[int, ShardState] = {}
 
     def look(self) -> RunStatus:
@@ -91,10 +107,12 @@ class RunWatch:
         self._final.update((index, state) for index, state in read.items() if state.final)
         states = [self._final[shard.index] if shard.index in self._final else read[shard.index]
                   for shard in self.plan.shards]
-        return summarize(self.plan, states, None if marker is None else marker[0])
+        return summarize(self.plan, states, None if marker is None else marker[0], at_work=self.at_work)
 
 
-def summarize(plan: Plan, states: list[ShardState], finished: str | None, now: float | None = None) -> RunStatus:
+def summarize(
+    plan: Plan, states: list[ShardState], finished: str | None, now: float | None = None, at_work: bool = False,
+) -> RunStatus:
     now = time.time() if now is None else now
     if finished is not None:  # the run's own span ends at its last commit, not when it is looked at
         now = min(now, max((part.committed_at for state in states for part in state.parts), default=now))
@@ -105,6 +123,13 @@ def summarize(plan: Plan, states: list[ShardState], finished: str | None, now: f
     )
     rate = recent / span if recent else None
     remaining = sum(shard.reads - state.reads_done for shard, state in zip(plan.shards, states) if not state.final)
+    leased = sum(state.held(now) for state in states)
+    # Seen from outside (`virnucpro status`), work left and no lease means no one is at work
+    # (stopped, or the machines reclaimed): no rate or ETA that look alive. The job itself
+    # looks `at_work`: between its start and its first claim nothing is leased either.
+    idle = not at_work and finished is None and plan.complete and not leased and remaining > 0
+    if idle or plan.error:
+        rate = None
     reads, scanned = plan.total_reads, 1.0
     if not plan.complete:
         done_bytes = plan.shards[-1].scanned if plan.shards else 0
@@ -115,7 +140,7 @@ def summarize(plan: Plan, states: list[ShardState], finished: str | None, now: f
         run_id=plan.run_id,
         shards=len(states),
         done=sum(state.done for state in states),
-        leased=sum(state.held(now) for state in states),
+        leased=leased,
         pending=sum(not state.final and not state.held(now) for state in states),
         failed=sum(state.failed for state in states),
         reads=reads,
@@ -126,4 +151,6 @@ def summarize(plan: Plan, states: list[ShardState], finished: str | None, now: f
         planned=plan.complete,
         scanned=round(scanned, 4),
         elapsed_s=round(max(now - plan.created_at, 0.0), 1),
+        error=plan.error,
+        idle=idle,
     )

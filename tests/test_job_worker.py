@@ -17,6 +17,7 @@ import pytest
 from core.reads import Record
 from core.outputs import FrameScore, ReadSummary
 from core.pipeline import ReadResult
+from job import exit_codes
 from job.config import RunConfig
 from job.errors import BadInput
 from job.inputs import resolve_inputs
@@ -199,6 +200,21 @@ def test_two_workers_share_without_overlap(tmp_path: Path) -> None:
     assert len({s.parts[0].rows.split("/")[-1].split("-a")[0] for s in states}) == 2  # both worked
 
 
+def test_status_of_a_run_stopped_by_bad_input_says_so_and_exits_65(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said `running; planning: 0%` with exit 0 while _run/plan/error.json held the reason."""
+    from job.cli import main
+    from job.plan import ERROR_KEY, plan_header
+
+    (tmp_path / "in.fa").write_text(">r1\nACGT\n")
+    store = LocalStore(str(tmp_path / "out"))
+    plan_header(store, resolve_inputs((str(tmp_path / "in.fa"),), None), {"chunk_length": 500}, 10, None)
+    store.create(ERROR_KEY, json.dumps({"error": "in.fa, line 7: a header without a sequence"}).encode())
+    assert main(["status", "--output", store.uri]) == exit_codes.BAD_INPUT
+    out = capsys.readouterr().out
+    assert "stopped by bad input" in out and "stopped by bad input: in.fa, line 7: a header without a sequence" in out
+    assert "running" not in out and "ETA" not in out.splitlines()[1]
+
+
 def test_status_counts_shards_and_projects_the_eta(tmp_path: Path) -> None:
     from job.plan import load_plan
     from job.shards import Part, ShardState
@@ -224,6 +240,10 @@ def test_status_counts_shards_and_projects_the_eta(tmp_path: Path) -> None:
     assert "ETA 100 s" in status.line() and "0.1 reads/s" in status.line()
     expired = summarize(plan, states, None, now=now + 61)  # the lease has run out: pending again
     assert (expired.leased, expired.pending) == (0, 2)
+    # no one at work (the job was stopped): idle, with no rate or ETA that look alive
+    assert expired.state == "idle" and expired.reads_per_s is None and expired.eta_s is None
+    assert summarize(plan, states, None, now=now + 61, at_work=True).state == "running"  # the job itself, between claims
+    assert "idle (no shard is leased: rerun the same command to resume)" in expired.line()
     done = summarize(plan, [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)], "_SUCCESS", now=now)
     assert done.eta_s == 0.0 and done.finished == "_SUCCESS"
     later = summarize(plan, [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)], "_SUCCESS", now=now + 3600)
