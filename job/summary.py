@@ -165,4 +165,5 @@ class RunStats:
 
 
 def _share(part: int, whole: int) -> str:
-    return f"{part / whole:.4f}" if whole else "0"
+    """A share of an input's reads; NA for an input with none (as reads.tsv's max_p_virus)."""
+    return f"{part / whole:.4f}" if whole else "NA"

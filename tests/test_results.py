@@ -178,6 +178,15 @@ def test_summary_counts_add_up_per_input_and_in_total_with_a_failed_shard(tmp_pa
     assert "failed shards" in report and "shard(s) failed" in report and report.count("<svg") == 4
 
 
+def test_an_input_with_no_reads_has_no_share_of_short_reads() -> None:
+    from job.summary import RunStats
+
+    stats = RunStats(["a.fa", "empty.fa"], 500)
+    stats.add_row("r1\t150\t1\t0\tNA\tnone\tno_open_frame\t0\ta.fa\n")
+    rows = {line.split("\t")[0]: line.split("\t") for line in stats.tsv().splitlines()}
+    assert rows["empty.fa"][-2:] == ["NA", "NA"] and rows["a.fa"][-2:] == ["1.0000", "1.0000"]  # not 0: unknown
+
+
 def finish_with_warnings(run: RunConfig, store: LocalStore, event: str) -> tuple[dict, str, list[dict]]:
     """Finish the run: (_SUCCESS, report.html's text, the `event` warnings logged)."""
     with structlog.testing.capture_logs() as logged:
