@@ -80,7 +80,8 @@ def run_batch(config: RunConfig, stop: threading.Event | None = None) -> int:
         print(f"virnucpro: error: {redact(str(exc))}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     except Interrupted as exc:
-        log.warning("interrupted", reason=str(exc), message="rerun the same command to resume")
+        if not for_people(config.log_format):  # a person reads the line printed next, once
+            log.warning("interrupted", reason=str(exc), message="rerun the same command to resume")
         print(f"virnucpro: interrupted: {exc}; rerun the same command to resume", file=sys.stderr)
         return exit_codes.INTERRUPTED
     except OSError as exc:
@@ -309,7 +310,10 @@ class _Workers:
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
             spec = WorkerSpec(self.config, index, count, os.getpid(), self.models)
-            process = subprocess.Popen(command(), env=env, stdin=subprocess.PIPE)
+            # A session of its own: a terminal's Ctrl-C goes to the whole foreground group, and a
+            # worker still importing (its handlers not yet in place) died of it; the worker
+            # hears of a stop from us (terminate) or from our death (job/worker.py)
+            process = subprocess.Popen(command(), env=env, stdin=subprocess.PIPE, start_new_session=True)
             self.processes.append(process)
             _tell(process, spec.to_json())
         self.log.info("workers_started", workers=count, gpus=len(gpus))
@@ -459,13 +463,15 @@ class _Progress(threading.Thread):
             self._show()
 
     def finish(self, last_look: bool) -> None:
-        """Stop; for a person, with the bar's final state left on screen unless the run was
-        stopped (then the exit must not wait on a look)."""
+        """Stop; for a person, the bar's line is ended, with its final state unless the run
+        was stopped (then the exit must not wait on a look)."""
         self._finished.set()
-        if self.bar and last_look:
+        if not self.bar:
+            return
+        if last_look:
             self.join()
             self._show()
-            print(file=sys.stderr, flush=True)
+        print(file=sys.stderr, flush=True)
 
     def _show(self) -> None:
         try:

@@ -322,8 +322,11 @@ def run_args(models: Path, inputs: list[str], output: str, *extra: str, cache: P
 class JobProcess:
     """A `virnucpro` subprocess whose JSON log lines (stderr) are collected as they come."""
 
-    def __init__(self, args: list[str], env: dict[str, str], stdin: int | None = None) -> None:
-        self.process = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    def __init__(self, args: list[str], env: dict[str, str], stdin: int | None = None, own_group: bool = False) -> None:
+        """`own_group`: the job leads a process group of its own, as a shell's foreground job
+        does (a terminal's Ctrl-C goes to the whole group)."""
+        self.process = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=env, start_new_session=own_group)
         self.events: list[dict] = []
         self.stderr: list[str] = []
         self._changed = threading.Condition()

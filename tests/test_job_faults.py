@@ -251,6 +251,19 @@ def test_a_stop_reaches_the_workers_at_once_while_the_progress_look_is_slow(demo
     assert shard_states(str(out))[0].owner is None
 
 
+def test_ctrl_c_at_a_terminal_stops_the_workers_through_their_parent(demo_models: Path, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole foreground process group: workers still importing
+    (before their handlers exist) died of SIGINT, and the job reported them killed from
+    outside ("out of memory?"). Workers lead a session of their own; the parent stops them."""
+    args, _out = long_group_job(demo_models, tmp_path)
+    job = JobProcess(args, subprocess_env(), own_group=True)
+    assert job.wait_for("workers_started") is not None, job.log_text
+    os.killpg(job.process.pid, signal.SIGINT)
+    assert job.wait(timeout=60) == 75, job.log_text
+    events = [e["event"] for e in job.events]
+    assert "worker_killed" not in events and "killing_workers" not in events, job.log_text
+
+
 def test_workers_stop_within_the_grace_period_when_their_parent_dies(demo_models: Path, tmp_path: Path) -> None:
     args, out = long_group_job(demo_models, tmp_path)
     job = JobProcess(args, subprocess_env())
