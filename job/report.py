@@ -89,8 +89,9 @@ def _run_table(summary: dict, parts: Sequence[Part], price: float | None) -> str
         ("reads", f"{summary['reads']:,}"), ("frames scored", f"{summary['frames']:,}"),
         ("shards", f"{summary['shards']} ({len(summary['failed_shards'])} failed)"),
         ("workers that committed results", str(len(workers))),
-        ("interruptions survived", str(summary["interruptions"])),
-        ("reads redone after interruptions", f"{summary['reads_redone']:,}"),
+        # Per shard, not per stop of the job: a stop right after a commit resumes nothing
+        ("shards resumed after a stop or a lost machine", str(summary["interruptions"])),
+        ("reads scored again (scored, not yet committed, at a stop)", f"{summary['reads_redone']:,}"),
         ("wall time", _duration(summary["wall_seconds"])),
         ("worker time", _duration(summary["worker_seconds"])),
         ("GPU-hours", f"{gpu_hours:.3f}"),

@@ -238,7 +238,7 @@ def test_report_for_an_empty_input(tmp_path: Path) -> None:
     assert report.count("<svg") == 4 and report.count("no reads") >= 3 and "no results committed" in report
     assert "per GPU-hour = 0.00" in report and "no reads" in report
     assert (Path(run.output) / "summary.tsv").read_text().splitlines()[1:] == [
-        f"{tmp_path / 'empty.fa'}\t0\t0\t0\t0\t0\t0\t0", f"{RUN_ROW}\t0\t0\t0\t0\t0\t0\t0",
+        f"{tmp_path / 'empty.fa'}\t0\t0\t0\t0\t0\tNA\tNA", f"{RUN_ROW}\t0\t0\t0\t0\t0\tNA\tNA",
     ]
 
 
