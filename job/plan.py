@@ -216,7 +216,7 @@ def plan_header(
         stored = store.get(PLAN_KEY)  # another starter planned first: adopt its plan
         assert stored is not None
     plan = Plan.from_header(stored.data, store.uri)
-    check_plan(plan, inputs, settings, store.uri)
+    check_plan(plan, inputs, settings, store.uri, failed=store.get(ERROR_KEY) is not None)
     return plan
 
 
@@ -295,22 +295,25 @@ def _read_text(text: BinaryIO, size: int) -> tuple[bytes, Exception | None]:
     return b"".join(pieces), None
 
 
-def check_plan(plan: Plan, inputs: list[InputObject], settings: dict, output: str) -> None:
-    """Refuse to resume a run whose inputs or result-changing arguments differ."""
-    fix = f"restore them, or start a new run with another --output than {output}"
+def check_plan(plan: Plan, inputs: list[InputObject], settings: dict, output: str, failed: bool = False) -> None:
+    """Refuse to resume a run whose inputs or result-changing arguments differ. `failed`: the
+    run's plan stopped on malformed input, so a changed input is most likely the fixed one."""
+    new_run = f"start a new run with another --output than {output}"
+    if failed:
+        new_run = f"the run at {output} stopped on bad input: run the fixed inputs with another --output (or delete {output})"
     planned = {obj.uri: obj for obj in plan.inputs}
     given = {obj.uri: obj for obj in inputs}
     if missing := sorted(planned.keys() - given.keys()):
-        raise BadInput(f"input {missing[0]} was part of the run at {output} but is missing now; {fix}")
+        raise BadInput(f"input {missing[0]} was part of the run at {output} but is missing now; restore it, or {new_run}")
     if added := sorted(given.keys() - planned.keys()):
-        raise BadInput(f"input {added[0]} is not part of the run already planned at {output}; {fix}")
+        raise BadInput(
+            f"input {added[0]} is not part of the run already planned at {output}; leave it out, or {new_run}"
+        )
     for uri, obj in given.items():
         before = planned[uri]
         if obj != before:
-            raise BadInput(
-                f"input {uri} changed since the run at {output} was planned (size {before.size} -> "
-                f"{obj.size}, version {before.version} -> {obj.version}); {fix}"
-            )
+            how = f"size {before.size} -> {obj.size}" if obj.size != before.size else "modified, same size"
+            raise BadInput(f"input {uri} changed since the run at {output} was planned ({how}); restore it, or {new_run}")
     for name, value in settings.items():
         if plan.settings.get(name) != value:
             raise BadInput(

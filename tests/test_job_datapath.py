@@ -297,6 +297,12 @@ def test_a_damaged_gzip_input_is_a_plan_error_with_the_automatic_shard_size(tmp_
     with pytest.raises(BadInput, match=f"{tmp_path / 'bad.fa.gz'}, line [0-9]+: the gzip stream is damaged"):
         plan_run(LocalStore(str(tmp_path / "out")), resolve_inputs((str(tmp_path / "bad.fa.gz"),), None),
                  SETTINGS, None, None, threading.Event())
+    # Fixed, then the same command again: the failed run's output cannot take it, and says how
+    (tmp_path / "bad.fa.gz").write_bytes(gzip.compress(reads_text(2000, seed=7), mtime=0))
+    fixed = f"the run at {tmp_path / 'out'} stopped on bad input: run the fixed inputs with another --output"
+    with pytest.raises(BadInput, match=f"input {tmp_path / 'bad.fa.gz'} changed since .*; restore it, or {fixed}"):
+        plan_run(LocalStore(str(tmp_path / "out")), resolve_inputs((str(tmp_path / "bad.fa.gz"),), None),
+                 SETTINGS, None, None, threading.Event())
 
 
 def test_zero_padding_after_a_gzip_stream_is_ignored_as_gzip_does(tmp_path: Path) -> None:
