@@ -146,7 +146,6 @@ class RunStats:
             f"{SHORT_READS_FACT}. Assemble short reads into contigs first, or read their calls with care"
         )
 
-
     def duplicate_ids_warning(self) -> str | None:
         """The warning when most reads of an input repeat ids met earlier, with the likely cause and the fix."""
         flagged = [
@@ -160,7 +159,9 @@ class RunStats:
             f"reads whose ids were met earlier in the run are listed as duplicate_id and not scored, in "
             f"{', '.join(flagged)}: if that is the second file of a pair whose headers carry no mate "
             "number, name the two files as a pair (x_1 and x_2, or x_R1 and x_R2, before the "
-            "extensions) or give the mates ids ending in /1 and /2, and run again into another --output"
+            "extensions) or give the mates ids ending in /1 and /2, and run again into another --output; "
+            "otherwise the same reads were given twice, or the file repeats its own ids (make them "
+            "unique, e.g. with `seqkit rename`)"
         )
 
 
