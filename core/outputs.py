@@ -91,12 +91,6 @@ class ChunkConsensus:
         return [f"{chunk}\t{calls[chunk]}\n" for chunk in sorted(calls)]
 
 
-def chunk_calls(frames: Iterable[FrameScore]) -> dict[str, bool]:
-    consensus = ChunkConsensus()
-    consensus.add(frames)
-    return consensus.calls()
-
-
 def virus_chunks(frames: Iterable[FrameScore], min_virus_score: float | None) -> int:
     """Chunks of one read called virus: by the published rule (max P(virus) >= max
     P(others) over the chunk's frames), or, given a threshold, max P(virus) >= it."""

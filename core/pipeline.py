@@ -24,7 +24,7 @@ from core.memo import MEMO_SEQUENCES, EmbeddingMemo, Lookup
 from core.model_cache import WeightsCache
 from core.reads import Record
 from core.frames import Frame, chunk_record, open_frames
-from core.outputs import FrameScore, ReadSummary, chunk_calls
+from core.outputs import FrameScore, ReadSummary, virus_chunks
 
 PUBLISHED_DNA_DIM = 768  # DNABERT-S
 PUBLISHED_PROTEIN_DIM = 2560  # ESM-2 3B
@@ -330,7 +330,7 @@ def _summarize(record: Record, n_chunks: int, scores: list[FrameScore]) -> ReadS
         return ReadSummary(record.id, length, n_chunks, 0, None, "none", "too_short")
     if not scores:
         return ReadSummary(record.id, length, n_chunks, 0, None, "none", "no_open_frame")
-    call = "virus" if any(chunk_calls(scores).values()) else "others"
+    call = "virus" if virus_chunks(scores, None) else "others"  # the published rule: any chunk virus
     best = max(score.score_virus for score in scores)
     return ReadSummary(record.id, length, n_chunks, len(scores), best, call, "")
 
