@@ -6,8 +6,9 @@ for the read files under it (by name: FASTA .fa, .fasta, .fna, .ffn, .fas, .seq 
 same reads in the same order; the format itself is told by content (core/reads.py). Two
 kinds of file under a directory are passed over, and logged (`inputs_skipped`): hidden ones
 (a name starting with a dot: macOS's `._x.fa` copies, editors' files) and those inside a
-VirNucPro output (a directory holding `_run/`), such as an --output kept under the input
-directory, whose viral_reads.fa.gz would otherwise become an input of the next run.
+VirNucPro output (a directory holding `_run/plan.json`), such as an --output kept under the
+input directory, whose viral_reads.fa.gz would otherwise become an input of the next run.
+A folder of the user's that happens to be called `_run` holds no plan and is read.
 
 A fingerprint tells a resumed run whether an input changed under it: size plus, for S3,
 the ETag, and for a local file its modification time, change time and inode (an edit that
@@ -31,7 +32,7 @@ from job.errors import BadInput
 from job.log import get_logger
 
 READ_SUFFIXES = (".fa", ".fasta", ".fna", ".ffn", ".fas", ".seq", ".fastq", ".fq")
-RUN_DIR = "_run"  # a VirNucPro output's own directory (job/plan.py's keys live under it)
+RUN_MARK = ("_run", "plan.json")  # what makes a directory a VirNucPro output: job/plan.py's PLAN_KEY
 READ_BLOCK = 8 * 2**20
 STREAM_RETRIES = 5  # re-GETs of an S3 input's rest after its stream broke
 
@@ -192,9 +193,11 @@ def _is_reads(name: str) -> bool:
 
 def _reads_under(uri: str, names: list[str]) -> list[str]:
     """The read files among a directory's or prefix's files (`names`: '/'-separated, relative
-    to it), passing over hidden files and VirNucPro outputs (module docstring), logged."""
+    to it), passing over hidden files and VirNucPro outputs (module docstring), logged; a
+    directory whose every read file was passed over is an error that says so."""
     parts = [name.split("/") for name in names]
-    outputs = {tuple(p[:p.index(RUN_DIR)]) for p in parts if RUN_DIR in p[:-1]}
+    mark = len(RUN_MARK)
+    outputs = {tuple(p[:-mark]) for p in parts if tuple(p[-mark:]) == RUN_MARK}
     kept, hidden, in_outputs = [], 0, 0
     for name, p in zip(names, parts):
         if not _is_reads(p[-1]):
@@ -205,10 +208,15 @@ def _reads_under(uri: str, names: list[str]) -> list[str]:
             hidden += 1
         else:
             kept.append(name)
+    roots = sorted("/".join((uri.rstrip("/"), *root)) for root in outputs)
     if hidden or in_outputs:
-        get_logger().info(
-            "inputs_skipped", input=uri, hidden_files=hidden, files_in_outputs=in_outputs,
-            outputs=sorted("/".join((uri.rstrip("/"), *root)) for root in outputs),
+        log = get_logger().warning if in_outputs else get_logger().info
+        log("inputs_skipped", input=uri, hidden_files=hidden, files_in_outputs=in_outputs, outputs=roots)
+    if not kept and (hidden or in_outputs):
+        raise BadInput(
+            f"input {uri} holds no read files but hidden ones ({hidden}) and those inside VirNucPro "
+            f"outputs ({in_outputs}: {', '.join(roots) or 'none'}), which are not read; name the "
+            "files to read one by one"
         )
     return kept
 

@@ -12,8 +12,8 @@ import pytest
 
 from core.reads import mark_duplicates, open_records as open_fasta
 from job.errors import BadInput
-from job.inputs import InputObject, pair_mates, resolve_inputs
-from job.plan import Plan, Segment, load_plan, plan_run, shard_records
+from job.inputs import RUN_MARK, InputObject, pair_mates, resolve_inputs
+from job.plan import PLAN_KEY, Plan, Segment, load_plan, plan_run, shard_records
 from job.store import LocalStore, open_store
 from job_support import bucket, s3_endpoint  # noqa: F401 (fixtures)
 
@@ -133,18 +133,26 @@ def test_a_directory_input_passes_over_hidden_files_and_virnucpro_outputs(
         "run1/_run/plan.json": b"{}",
         "run1/_run/copies/0.fa.gz": gzip.compress(b">r1\nACGT\n"),
         "run1b/notes.fa": b">r4\nACGT\n",  # a sibling whose name starts like the output's
+        "mine/_run/r5.fa": b">r5\nACGT\n",  # the user's own folder called _run: no plan in it
+        "mine/r6.fa": b">r6\nACGT\n",
     }
+    assert "/".join(RUN_MARK) == PLAN_KEY
     s3 = boto3.client("s3")
     for name, body in layout.items():
         (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "data" / name).write_bytes(body)
         s3.put_object(Bucket=bucket, Key=f"data/{name}", Body=body)
+    read = ("lane/s_2.fq", "mine/_run/r5.fa", "mine/r6.fa", "run1b/notes.fa", "sample.fa")
     local = resolve_inputs((str(tmp_path / "data"),), None)
-    assert [obj.uri for obj in local] == [str(tmp_path / "data" / n) for n in ("lane/s_2.fq", "run1b/notes.fa", "sample.fa")]
+    assert [obj.uri for obj in local] == [str(tmp_path / "data" / n) for n in read]
     remote = resolve_inputs((f"s3://{bucket}/data/",), None)
-    assert [obj.uri for obj in remote] == [f"s3://{bucket}/data/{n}" for n in ("lane/s_2.fq", "run1b/notes.fa", "sample.fa")]
+    assert [obj.uri for obj in remote] == [f"s3://{bucket}/data/{n}" for n in read]
     assert [obj.uri for obj in resolve_inputs((str(tmp_path / "data" / "._sample.fa"),), None)] == [
         str(tmp_path / "data" / "._sample.fa")]  # a file named on its own is read as named
+    only_output = str(tmp_path / "data" / "run1")  # an output given as the input: say why nothing is read
+    with pytest.raises(BadInput, match=f"input {only_output} holds no read files but hidden ones \\(0\\) and those "
+                                       f"inside VirNucPro outputs \\(2: {only_output}\\).*one by one"):
+        resolve_inputs((only_output,), None)
 
 
 def test_the_files_of_a_pair_are_told_by_their_names_and_a_plan_of_before_has_no_mates(tmp_path: Path) -> None:
