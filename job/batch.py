@@ -309,13 +309,14 @@ class _Workers:
             env = dict(os.environ)
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-            spec = WorkerSpec(self.config, index, count, os.getpid(), self.models)
             # A session of its own: a terminal's Ctrl-C goes to the whole foreground group, and a
             # worker still importing (its handlers not yet in place) died of it; the worker
             # hears of a stop from us (terminate) or from our death (job/worker.py)
-            process = subprocess.Popen(command(), env=env, stdin=subprocess.PIPE, start_new_session=True)
-            self.processes.append(process)
-            _tell(process, spec.to_json())
+            self.processes.append(subprocess.Popen(command(), env=env, stdin=subprocess.PIPE, start_new_session=True))
+        # Every worker is started before any hears its spec: a spec past the pipe's buffer
+        # (64 KiB: thousands of inputs) waits until its worker's Python is up to read it
+        for index, process in enumerate(self.processes):
+            _tell(process, WorkerSpec(self.config, index, count, os.getpid(), self.models).to_json())
         self.log.info("workers_started", workers=count, gpus=len(gpus))
 
     def begin(self, run_id: str) -> None:

@@ -153,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
     from job.batch import run_batch
 
     _check_ranges(args)
-    _check_endpoint(args)
+    _check_endpoint(args, os.environ)
     slot, slots = _slot(args, os.environ)
     config = RunConfig(
         inputs=tuple(args.input),
@@ -203,14 +203,26 @@ def _check_ranges(args: argparse.Namespace) -> None:
         args.parser.error(f"--min-virus-score is a probability, from 0 to 1, not {args.min_virus_score}")
 
 
-def _check_endpoint(args: argparse.Namespace) -> None:
-    """Credentials in --s3-endpoint-url (scheme://user:password@host) are refused: botocore
-    does not use them, s3fs waits forever on such a URL, and a URL is easily logged."""
-    if args.s3_endpoint_url and "@" in urllib.parse.urlsplit(args.s3_endpoint_url).netloc:
-        args.parser.error(
-            "--s3-endpoint-url must not hold credentials (user:password@ before the host); give them "
-            "as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or as an AWS profile"
-        )
+def _check_endpoint(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """The S3 endpoint (--s3-endpoint-url, else AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL)
+    must be a URL without credentials (scheme://user:password@host): botocore does not use
+    them, s3fs waits forever on such a URL, and a URL is easily logged. Neither error
+    prints the URL, which may hold a secret."""
+    for name, value in (("--s3-endpoint-url", args.s3_endpoint_url),
+                        ("AWS_ENDPOINT_URL_S3", environ.get("AWS_ENDPOINT_URL_S3")),
+                        ("AWS_ENDPOINT_URL", environ.get("AWS_ENDPOINT_URL"))):
+        if not value:
+            continue
+        try:
+            netloc = urllib.parse.urlsplit(value).netloc
+        except ValueError:
+            args.parser.error(f"{name} is not a URL (such as https://host:port); check it")
+        if "@" in netloc:
+            args.parser.error(
+                f"{name} must not hold credentials (user:password@ before the host); give them "
+                "as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or as an AWS profile"
+            )
+        return  # the one in use
 
 
 def _slot(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[int | None, int | None]:
@@ -242,7 +254,7 @@ def _status(args: argparse.Namespace) -> int:
     from job.status import run_status
     from job.store import open_store
 
-    _check_endpoint(args)
+    _check_endpoint(args, os.environ)
     try:
         status = run_status(open_store(args.output, args.s3_endpoint_url))
     except (ClientError, BotoCoreError, OSError) as exc:

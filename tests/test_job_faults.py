@@ -424,11 +424,12 @@ def test_url_credentials_are_redacted_in_log_events_and_uncaught_tracebacks() ->
 
 
 def test_a_workers_command_line_holds_no_credentials_and_no_limit_on_the_inputs(
-    demo_models: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+    demo_models: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A worker's spec travels on its stdin: in argv, `ps` showed the endpoint's credentials
     to every user of the machine, and inputs past 128 KiB (Linux's limit on one argument)
     stopped the workers from starting at all."""
+    import job.batch
     from job.batch import _Workers
     from job.config import RunConfig
     from job.log import get_logger
@@ -442,8 +443,13 @@ def test_a_workers_command_line_holds_no_credentials_and_no_limit_on_the_inputs(
     )
     capfd.readouterr()
     seen = ""
+    told = []  # how many workers had started when each heard its spec: all of them, so that
+    tell = job.batch._tell  # a spec past the pipe's buffer never holds up the next start
+    monkeypatch.setattr(job.batch, "_tell", lambda process, line, last=False: (
+        told.append(len(workers.processes)), tell(process, line, last)))
     with _Workers(config, {}, get_logger()) as workers:
         workers.start()
+        assert told == [2, 2]
         deadline = time.monotonic() + 180
         while seen.count('"engine_ready"') < 2:  # each read its spec and loaded the models
             assert time.monotonic() < deadline and all(p.poll() is None for p in workers.processes), seen
@@ -469,6 +475,14 @@ def test_status_of_a_missing_bucket_is_one_line_and_credentials_in_the_endpoint_
         out = run(args, timeout=60)
         assert out.returncode == 2, out.stderr
         assert "--s3-endpoint-url must not hold credentials" in out.stderr, out.stderr
+        assert "SecretPass99" not in out.stdout + out.stderr, out.stderr
+    status = virnucpro("status", "--output", "s3://bucket/out")
+    for variable, value, error in (("AWS_ENDPOINT_URL_S3", endpoint, "AWS_ENDPOINT_URL_S3 must not hold credentials"),
+                                   ("AWS_ENDPOINT_URL", endpoint, "AWS_ENDPOINT_URL must not hold credentials"),
+                                   ("AWS_ENDPOINT_URL", "http://[SecretPass99", "AWS_ENDPOINT_URL is not a URL")):
+        env = {k: v for k, v in subprocess_env().items() if not k.startswith("AWS_ENDPOINT_URL")}
+        out = subprocess.run(status, capture_output=True, text=True, env={**env, variable: value}, timeout=60)
+        assert out.returncode == 2 and error in out.stderr, out.stderr
         assert "SecretPass99" not in out.stdout + out.stderr, out.stderr
 
 
