@@ -233,22 +233,26 @@ class _BatchRun:
         progress.start()
         killed: list[str] = []
         charged: set[int] = set()
-        while True:
-            for process in processes:
-                if process.poll() is not None and process.returncode < 0 and not workers.stopping and process.pid not in charged:
-                    charged.add(process.pid)
-                    killed.append(self._charge(store, plan, process))
-            if all(process.poll() is not None for process in processes):
-                break
-            if self.stop.is_set() and not workers.stopping:
-                self.log.warning("stopping_workers", grace_seconds=self.config.grace_seconds)
-                workers.terminate()
-            bad_input = any(process.returncode == exit_codes.BAD_INPUT for process in processes)
-            if bad_input or planner.exception is not None:
-                workers.terminate()  # bad input, or the planner here failed: the run stops
-            if workers.kill_late():
-                self.log.error("killing_workers", message="workers did not stop within the grace period")
-            time.sleep(0.2)
+        try:
+            while True:
+                for process in processes:
+                    if process.poll() is not None and process.returncode < 0 and not workers.stopping and process.pid not in charged:
+                        charged.add(process.pid)
+                        killed.append(self._charge(store, plan, process))
+                if all(process.poll() is not None for process in processes):
+                    break
+                if self.stop.is_set() and not workers.stopping:
+                    self.log.warning("stopping_workers", grace_seconds=self.config.grace_seconds)
+                    workers.terminate()
+                bad_input = any(process.returncode == exit_codes.BAD_INPUT for process in processes)
+                if bad_input or planner.exception is not None:
+                    workers.terminate()  # bad input, or the planner here failed: the run stops
+                if workers.kill_late():
+                    self.log.error("killing_workers", message="workers did not stop within the grace period")
+                time.sleep(0.2)
+        except BaseException:  # the bar's line is ended, without a last look, and the error goes on
+            progress.finish(last_look=False)
+            raise
         progress.finish(last_look=not self.stop.is_set())
         return [process.returncode for process in processes], killed
 
@@ -458,32 +462,40 @@ class _Progress(threading.Thread):
         super().__init__(daemon=True, name="progress")
         self.watch, self.bar, self.log = watch, bar, log
         self._finished = threading.Event()
+        self._drawing = threading.Lock()  # a look still running at finish() must not draw after it
+        self._ended = False
 
     def run(self) -> None:
         while not self._finished.wait(BAR_SECONDS if self.bar else PROGRESS_SECONDS):
-            self._show()
+            self._show(self._look())
 
     def finish(self, last_look: bool) -> None:
         """Stop; for a person, the bar's line is ended, with its final state unless the run
-        was stopped (then the exit must not wait on a look)."""
+        was stopped (then the exit must not wait on a look). Nothing is shown after this."""
         self._finished.set()
-        if not self.bar:
-            return
-        if last_look:
+        if last_look and self.bar:
             self.join()
-            self._show()
-        print(file=sys.stderr, flush=True)
+            self._show(self._look())
+        with self._drawing:
+            self._ended = True
+            if self.bar:
+                print(file=sys.stderr, flush=True)
 
-    def _show(self) -> None:
+    def _look(self) -> RunStatus | None:
         try:
-            status = self.watch.look()
+            return self.watch.look()
         except Exception as exc:  # noqa: BLE001 - progress is for display: the next look may work
             self.log.warning("progress_unavailable", error=f"{type(exc).__name__}: {exc}")
-            return
-        if self.bar:
-            _show_bar(status)
-        else:
-            self.log.info("progress", **status.as_dict())
+            return None
+
+    def _show(self, status: RunStatus | None) -> None:
+        with self._drawing:
+            if status is None or self._ended:
+                return
+            if self.bar:
+                _show_bar(status)
+            else:
+                self.log.info("progress", **status.as_dict())
 
 
 def _show_bar(status: RunStatus) -> None:

@@ -7,6 +7,8 @@ import pty
 import re
 import select
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,3 +86,31 @@ def test_core_warnings_through_the_standard_library_come_out_as_json_lines(capsy
     event = json.loads(lines[0])
     assert event["event"] == "torch.compile failed for _post_attention"
     assert event["logger"] == "core.engine" and event["level"] == "warning"
+
+
+def test_a_look_that_outlives_the_run_draws_nothing_after_the_bar_is_ended(capsys) -> None:  # noqa: ANN001
+    """A stopped run ends the bar's line at once; a look still reading shards then (half a
+    minute at 10^8 reads) drew the bar again below the run's last words."""
+    from job.batch import _Progress
+    from job.log import get_logger
+
+    looking, answer = threading.Event(), threading.Event()
+
+    class SlowWatch:
+        def look(self) -> SlowWatch:
+            looking.set()
+            answer.wait(10)
+            return self
+
+        def bar(self, width: int) -> str:
+            return "the bar"
+
+    progress = _Progress(SlowWatch(), bar=True, log=get_logger())
+    progress.start()
+    assert looking.wait(10)
+    progress.finish(last_look=False)  # stopped: no waiting on the look
+    print("virnucpro: stopped", file=sys.stderr)
+    answer.set()
+    progress.join(10)
+    err = capsys.readouterr().err
+    assert err == "\nvirnucpro: stopped\n", repr(err)
