@@ -71,8 +71,8 @@ class RunStatus:
         eta = "-" if self.eta_s is None else f"{self.eta_s:.0f} s"
         if self.error:
             return f"run {self.run_id}: stopped by bad input: {self.error}"
-        state = self.finished or ("idle (no shard is leased: rerun the same command to resume)" if self.idle
-                                  else "running")
+        idle = "idle (no shard is leased: no job at work, or one still starting; to resume, rerun the same command)"
+        state = self.finished or (idle if self.idle else "running")
         planning = "" if self.planned else f"; planning: {100 * self.scanned:.0f}% of the input scanned, reads estimated"
         return (
             f"run {self.run_id}: {state}{planning}; shards {self.done} done, {self.leased} leased, "

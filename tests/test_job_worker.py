@@ -243,7 +243,7 @@ def test_status_counts_shards_and_projects_the_eta(tmp_path: Path) -> None:
     # no one at work (the job was stopped): idle, with no rate or ETA that look alive
     assert expired.state == "idle" and expired.reads_per_s is None and expired.eta_s is None
     assert summarize(plan, states, None, now=now + 61, at_work=True).state == "running"  # the job itself, between claims
-    assert "idle (no shard is leased: rerun the same command to resume)" in expired.line()
+    assert "idle (no shard is leased: no job at work, or one still starting; to resume, rerun the same command)" in expired.line()
     done = summarize(plan, [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)], "_SUCCESS", now=now)
     assert done.eta_s == 0.0 and done.finished == "_SUCCESS"
     later = summarize(plan, [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)], "_SUCCESS", now=now + 3600)
