@@ -67,8 +67,9 @@ SHARD_FAILED = "shard_failed"  # reads.tsv reason of the reads a failed shard ne
 FETCH_THREADS = 8  # parts downloaded in parallel
 PREFETCH_PARTS = 32  # parts fetched ahead of the one being written (bounds memory)
 UPLOAD_THREADS = 4  # outputs uploaded at once, while the merge writes the next ones
-RUN_ROWS = 500_000  # highest-score rows sorted in memory per run on disk
-MAX_OPEN_RUNS = 128  # runs merged at once
+RUN_ROWS = 1_000_000  # highest-score rows sorted in memory per run on disk (about 100 MB)
+MAX_OPEN_RUNS = 256  # runs merged at once: up to 2.56 x 10^8 rows in one pass
+RUN_BUFFER = 2**18  # read buffer of each run being merged (64 MiB for MAX_OPEN_RUNS)
 WRITE_ROWS = 8192  # merged rows handed on at once
 
 
@@ -374,10 +375,12 @@ def _chunk_id(line: bytes) -> bytes:
 class _SortedRuns:
     """The highest-score rows as sorted runs on local disk, merged k-way at the end.
 
-    Rows are buffered up to RUN_ROWS, sorted and written as one run; at the end the runs
-    are merged MAX_OPEN_RUNS at a time (more levels when there are more runs), so memory
-    holds one buffer whatever the number of reads. Chunk ids are unique in a run, so the
-    merged order is the same as one sort of every row.
+    Rows are buffered up to RUN_ROWS, sorted and written as one run; at the end all runs
+    are merged in one pass into the output stream, so memory holds one buffer whatever the
+    number of reads and the local disk holds the rows once. Past MAX_OPEN_RUNS runs, passes
+    first merge the oldest runs into one, just enough of them that the rest fit in the last
+    pass: the disk then holds, besides the rows, the runs of one such pass. Chunk ids are
+    unique in a run, so the merged order is the same as one sort of every row.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -402,24 +405,22 @@ class _SortedRuns:
         """Write every row in chunk-id order, in blocks of WRITE_ROWS; returns the number of rows."""
         if self._rows or not self.runs:
             self._spill()
-        runs, level = self.runs, 0
+        runs, passes = self.runs, 0
         while len(runs) > MAX_OPEN_RUNS:
-            level += 1
-            merged = []
-            for start in range(0, len(runs), MAX_OPEN_RUNS):
-                path = self.directory / f"l{level}-{start:06d}.txt"
-                with open(path, "wb") as target:
-                    _merge_files(runs[start:start + MAX_OPEN_RUNS], target.write)
-                for run in runs[start:start + MAX_OPEN_RUNS]:
-                    run.unlink()
-                merged.append(path)
-            runs = merged
+            taken = runs[: min(MAX_OPEN_RUNS, len(runs) - MAX_OPEN_RUNS + 1)]
+            passes += 1
+            path = self.directory / f"merged-{passes:06d}.txt"
+            with open(path, "wb") as target:
+                _merge_files(taken, target.write)
+            for run in taken:
+                run.unlink()
+            runs = runs[len(taken):] + [path]
         return _merge_files(runs, write)
 
 
 def _merge_files(paths: list[Path], write: Callable[[bytes], object]) -> int:
     with ExitStack() as stack:
-        files = [stack.enter_context(open(path, "rb", buffering=2**20)) for path in paths]
+        files = [stack.enter_context(open(path, "rb", buffering=RUN_BUFFER)) for path in paths]
         rows, block = 0, []
         for line in heapq.merge(*files, key=_chunk_id):
             block.append(line)

@@ -57,6 +57,29 @@ def test_an_unknown_or_damaged_part_is_refused_naming_it() -> None:
             decode_rows(damaged, key)
 
 
+def test_runs_past_the_open_limit_merge_with_little_more_disk_than_the_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_OPEN_RUNS runs, a first pass merges only as many runs as the last pass cannot
+    open: merging them in groups of MAX_OPEN_RUNS held up to 1.6x the rows on disk at 10^8 reads."""
+    monkeypatch.setattr(job.merge, "RUN_ROWS", 10)
+    monkeypatch.setattr(job.merge, "MAX_OPEN_RUNS", 8)
+    runs = _SortedRuns(tmp_path / "runs")
+    rows = [f"r{n:05d}_chunk_1\t0.5\t0.5\tothers\n".encode() for n in range(100)]  # 10 runs of equal size
+    for start in range(0, len(rows), 10):
+        runs.add(rows[start:start + 10])
+    run_size = (tmp_path / "runs" / "000000.txt").stat().st_size
+    peaks = []  # the disk in use each time a merged run is deleted: its pass's peak
+    unlink = Path.unlink
+
+    def measured(path: Path, *args: object) -> None:
+        peaks.append(sum(f.stat().st_size for f in (tmp_path / "runs").iterdir()))
+        unlink(path, *args)
+
+    monkeypatch.setattr(Path, "unlink", measured)
+    out = bytearray()
+    assert runs.write_merged(out.extend) == len(rows) and bytes(out) == b"".join(rows)
+    assert max(peaks) == 10 * run_size + 3 * run_size  # 10 - 8 + 1 = 3 runs merged first, not 8
+
+
 def test_highest_rows_sorted_as_bytes_come_out_in_text_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The merge sorts UTF-8 bytes: the order must be that of the text (code points), across runs on disk."""
     monkeypatch.setattr(job.merge, "RUN_ROWS", 7)  # many runs, merged in levels
