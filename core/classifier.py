@@ -81,7 +81,10 @@ class Classifier:
         classifier's device (no wait for the device: the pipeline queues this behind the
         encoders and copies the result back itself).
 
-        The softmax is taken in float32 whatever the device, as the published tool did.
+        The softmax is taken in float32 whatever the device, as the published tool did. On
+        the CPU each row is scored alone: its kernels round a row by its place in the batch
+        and the batch's shape (differently on AVX2 and AVX-512 processors), and a frame's
+        score should be a function of its features, whatever else its group holds.
         """
         if features.ndim != 2 or features.shape[1] != self.input_dim:
             raise ValueError(
@@ -90,7 +93,11 @@ class Classifier:
             )
         device = self.model.hidden_layer.weight.device
         with torch.no_grad():
-            logits = self.model(features.to(device=device, dtype=torch.float32))
+            features = features.to(device=device, dtype=torch.float32)
+            if device.type == "cpu":
+                logits = torch.cat([self.model(row) for row in features.split(1)]) if len(features) else self.model(features)
+            else:
+                logits = self.model(features)
             return torch.softmax(logits.float(), dim=1)
 
 

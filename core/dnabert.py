@@ -394,6 +394,7 @@ class DNABERTEncoder:
                                                  model.config.hidden_size // heads)
         self.fallback = attention_module.make("sdpa_padded", alibi=True)
         self.compile = compiles(compile, device)
+        self.packs = device.type == "cuda"  # one sequence per batch on the CPU: core.packing.prepare_batches
         if batch_tokens is None:
             batch_tokens = auto_batch_tokens(device, DNA_BYTES_PER_TOKEN_PER_DIM * model.config.hidden_size,
                                              DNA_MAX_BATCH_TOKENS, cpu_default=CPU_BATCH_TOKENS)
@@ -414,7 +415,7 @@ class DNABERTEncoder:
     def prepare(self, sequences: Sequence[str]) -> PreparedBatches:
         """Host work: tokenize and pack (pinned for the GPU). Safe to call from another thread."""
         flat, lengths = self.tokenizer.encode_many(sequences)
-        return prepare_batches(flat, lengths, self.batch_tokens, pin=self.device.type == "cuda")
+        return prepare_batches(flat, lengths, self.batch_tokens, packs=self.packs, pin=self.device.type == "cuda")
 
     def run(self, prepared: PreparedBatches) -> tuple[Tensor, Tensor]:
         """Device work: ([n, dim] float32 embeddings, [n] bool all-finite) on the device."""
@@ -456,7 +457,7 @@ class DNABERTEncoder:
             lengths = np.full(max(1, total // 100), 100, dtype=np.int64)
             lengths[-1] += total - int(lengths.sum())
             flat = np.full(total, self.tokenizer.sep_id, dtype=np.int64)
-            out, _ = self.run(prepare_batches(flat, lengths, self.batch_tokens, pin=self.device.type == "cuda"))
+            out, _ = self.run(prepare_batches(flat, lengths, self.batch_tokens, packs=self.packs, pin=self.device.type == "cuda"))
             out.cpu()
         self.warm = True
 

@@ -108,7 +108,7 @@ def run_batches(prepared: PreparedBatches, device: torch.device, dim: int,
         for host_batch, host_order in zip(prepared.batches, prepared.orders):
             batch = host_batch.to(device)
             order = host_order.to(device, non_blocking=True)
-            out[order] = pooled(batch)[: len(host_batch.order)]  # filler sequences dropped
+            out[order] = pooled(batch)
         finite = torch.isfinite(out).all(dim=1)
     return out, finite
 

@@ -257,6 +257,7 @@ class ESM2Encoder:
         first = model.layers[0].self_attn
         self.attention = attention_module.select(False, device, self.dtype, attention, first.heads, first.head_dim)
         self.compile = compiles(compile, device)
+        self.packs = device.type == "cuda"  # one sequence per batch on the CPU: core.packing.prepare_batches
         if batch_tokens is None:
             batch_tokens = auto_batch_tokens(device, ESM_BYTES_PER_TOKEN_PER_DIM * model.embed_dim,
                                              ESM_MAX_BATCH_TOKENS, cpu_default=DEFAULT_BATCH_TOKENS)
@@ -314,7 +315,7 @@ class ESM2Encoder:
     def prepare_tokens(self, flat: np.ndarray, lengths: np.ndarray) -> PreparedBatches:
         if len(lengths) and int(lengths.min()) < 3:
             raise ValueError("a sequence has no rows left to pool after the offsets")
-        return prepare_batches(flat, lengths, self.batch_tokens, pin=self.device.type == "cuda")
+        return prepare_batches(flat, lengths, self.batch_tokens, packs=self.packs, pin=self.device.type == "cuda")
 
     def run(self, prepared: PreparedBatches) -> tuple[Tensor, Tensor]:
         """Device work: ([n, dim] float32 embeddings, [n] bool all-finite), both on the device,

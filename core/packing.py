@@ -16,9 +16,6 @@ from torch import Tensor
 
 MIN_BATCH_TOKENS = 1024  # the smallest budget derived from free GPU memory
 FREE_MEMORY_SHARE = 0.5  # of the free GPU memory (measured when the encoder is built) one batch may take at its peak
-# CPU GEMMs (torch 2.13) take another kernel for fewer than 4 rows, which rounds differently:
-# a sequence packed alone in a batch that small would get other bits than in a larger one.
-MIN_BATCH_ROWS = 4
 
 
 @dataclass
@@ -26,8 +23,7 @@ class PackedBatch:
     """Sequences laid end to end.
 
     Sequence i owns rows cu_seqlens[i] : cu_seqlens[i+1] of `tokens` and `positions`,
-    and is the caller's sequence number order[i]. Sequences past len(order) are filler
-    (`with_min_rows`), whose results are dropped.
+    and is the caller's sequence number order[i].
     """
 
     tokens: Tensor  # int64 [total]
@@ -215,27 +211,19 @@ class PreparedBatches:
     count: int
 
 
-def with_min_rows(batch: PackedBatch) -> PackedBatch:
-    """The batch, or, when it has fewer than MIN_BATCH_ROWS rows, the batch with copies of its
-    first sequence appended as filler until it has that many: every real sequence then meets
-    the GEMM kernels of any larger batch, so its embedding does not depend on its batch."""
-    if batch.total >= MIN_BATCH_ROWS:
-        return batch
-    first = int(batch.cu_seqlens[1])
-    copies = -(-(MIN_BATCH_ROWS - batch.total) // first)
-    bounds = batch.cu_seqlens.tolist() + [batch.total + first * (k + 1) for k in range(copies)]
-    return PackedBatch(
-        tokens=torch.cat([batch.tokens] + [batch.tokens[:first]] * copies),
-        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
-        positions=torch.cat([batch.positions] + [batch.positions[:first]] * copies),
-        max_seqlen=batch.max_seqlen,
-        order=batch.order,
-        bounds=bounds,
-    )
+def prepare_batches(flat: np.ndarray, lengths: np.ndarray, budget: int, *, packs: bool, pin: bool) -> PreparedBatches:
+    """The batches an encoder runs: sequences packed up to `budget` tokens (`pack_flat`) when
+    it `packs`, else one sequence each; in page-locked memory when `pin` (bound for a GPU).
 
-
-def prepare_batches(flat: np.ndarray, lengths: np.ndarray, budget: int, pin: bool) -> PreparedBatches:
-    batches = [with_min_rows(b) for b in pack_flat(flat, lengths, budget)] if len(lengths) else []
+    The encoders pack on a GPU, where it pays, and not on the CPU. There the GEMM and vector
+    kernels pick their blocking, and their scalar tails, by the batch's shape, and which
+    choice rounds how depends on the processor (AVX2 and AVX-512 machines differ). A
+    sequence alone in its batch has the same shape whatever else is being embedded, so its
+    embedding is a function of the sequence, bit for bit: what makes the reuse of repeated
+    frames and resumed shards exact on the CPU. On a GPU a result may differ in the last
+    digits by batch.
+    """
+    batches = pack_flat(flat, lengths, budget if packs else 1) if len(lengths) else []
     orders = [torch.tensor(b.order, dtype=torch.int64) for b in batches]
     if pin:
         batches = [b.pin_memory() for b in batches]

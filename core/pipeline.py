@@ -90,10 +90,10 @@ class Predictor:
     nucleotide slice and each distinct protein is embedded once and its embedding used for
     every frame that has it, in that group and in later ones (`core.memo`: at most
     `memo_sequences` of each, least recently used dropped first). The classifier still
-    scores all the group's frames in one batch, as without reuse (its kernels round by batch
-    shape, even on the CPU), and equal frames of a group take the first one's scores: equal
-    scores by construction. Equal frames of different groups have bit-equal features; their
-    scores can differ in the last digits, as before. Which sequences are embedded in which
+    scores all the group's frames in one batch, as without reuse (on a GPU its kernels round
+    a row by the batch's shape), and equal frames of a group take the first one's scores:
+    equal scores by construction. Equal frames of different groups have bit-equal features;
+    on a GPU their scores can differ in the last digits, as before. Which sequences are embedded in which
     packed batch depends only on the shard's reads, never on timing: a run is as
     deterministic as before.
 
@@ -101,9 +101,10 @@ class Predictor:
     passes the reads before it as `earlier`): the memo learns their sequences but not their
     embeddings, so every later group embeds the same new sequences in the same batches as
     an uninterrupted run; only a sequence first met before the resume point and met again
-    after it is embedded anew, apart. On the CPU (fp32) an embedding does not depend on the
-    other sequences of its batch (`tests/test_reuse.py` checks it), so a resumed shard is
-    byte-identical. On a GPU the last bits of a kernel's result may depend on the batch's
+    after it is embedded anew, apart. On the CPU (fp32) an embedding, and a frame's scores, do
+    not depend on the rest of the batch (`core.packing.prepare_batches` and
+    `Classifier.score` run one sequence, one row, at a time there; `tests/test_reuse.py`
+    checks it), so a resumed shard is byte-identical. On a GPU the last bits of a kernel's result may depend on the batch's
     composition: there the frames having such a sequence may differ in the last digits
     from an uninterrupted run; every other frame is byte-identical. Scoping the memo to
     commits instead would tie results to the checkpoint timer, and a memo per group finds

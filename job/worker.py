@@ -478,7 +478,7 @@ def _load(spec: WorkerSpec, log: Any, stop: threading.Event
     imported = time.perf_counter()
     if config.device == "cpu":
         # One thread each: scores then do not depend on how many workers share the cores
-        # (CPU kernels sum in a thread-count dependent order); --workers uses more cores.
+        # (CPU kernels may sum in a thread-count dependent order); --workers uses more cores.
         torch.set_num_threads(1)
     target = resolve_device(config.device)
     # Converted weights are kept for a GPU only: there they are float16, half the source's
