@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
-from job.merge import read_marker
+from job.lease import Claim
+from job.merge import MERGE_KEY, read_marker
 from job.plan import Plan, load_plan
 from job.shards import ShardState, read_shard
 from job.store import Store
@@ -71,7 +72,8 @@ class RunStatus:
         eta = "-" if self.eta_s is None else f"{self.eta_s:.0f} s"
         if self.error:
             return f"run {self.run_id}: stopped by bad input: {self.error}"
-        idle = "idle (no shard is leased: no job at work, or one still starting; to resume, rerun the same command)"
+        idle = ("idle (every shard final, no merge at work; to merge, rerun the same command)" if not self.pending
+                else "idle (no shard is leased: no job at work, or one still starting; to resume, rerun the same command)")
         state = self.finished or (idle if self.idle else "running")
         planning = "" if self.planned else f"; planning: {100 * self.scanned:.0f}% of the input scanned, reads estimated"
         return (
@@ -107,12 +109,20 @@ class RunWatch:
         self._final.update((index, state) for index, state in read.items() if state.final)
         states = [self._final[shard.index] if shard.index in self._final else read[shard.index]
                   for shard in self.plan.shards]
-        return summarize(self.plan, states, None if marker is None else marker[0], at_work=self.at_work)
+        merging = None if marker is not None or self.at_work else self.store.get(MERGE_KEY)
+        merger = None if merging is None else Claim.from_json(merging.data)
+        return summarize(self.plan, states, None if marker is None else marker[0], at_work=self.at_work,
+                         merge_renewed=None if merger is None or merger.owner is None
+                         else merger.renewed_at + merger.lease_seconds)
 
 
 def summarize(
     plan: Plan, states: list[ShardState], finished: str | None, now: float | None = None, at_work: bool = False,
+    merge_renewed: float | None = None,
 ) -> RunStatus:
+    """The run's figures. `merge_renewed`: until when the merge claim's holder promised to
+    renew it (None: no holder), which tells a run being merged from one whose every shard is
+    done but which nobody merges (stopped before or during the merge)."""
     now = time.time() if now is None else now
     if finished is not None:  # the run's own span ends at its last commit, not when it is looked at
         now = min(now, max((part.committed_at for state in states for part in state.parts), default=now))
@@ -125,9 +135,12 @@ def summarize(
     remaining = sum(shard.reads - state.reads_done for shard, state in zip(plan.shards, states) if not state.final)
     leased = sum(state.held(now) for state in states)
     # Seen from outside (`virnucpro status`), work left and no lease means no one is at work
-    # (stopped, or the machines reclaimed): no rate or ETA that look alive. The job itself
-    # looks `at_work`: between its start and its first claim nothing is leased either.
-    idle = not at_work and finished is None and plan.complete and not leased and remaining > 0
+    # (stopped, or the machines reclaimed): no rate or ETA that look alive; so does a run
+    # with every shard final, no merge claim held and no outputs. The job itself looks
+    # `at_work`: between its start and its first claim nothing is leased either.
+    merging = merge_renewed is not None and merge_renewed > now
+    idle = (not at_work and finished is None and plan.complete and not leased
+            and (remaining > 0 or not merging))
     if idle or plan.error:
         rate = None
     reads, scanned = plan.total_reads, 1.0

@@ -244,6 +244,13 @@ def test_status_counts_shards_and_projects_the_eta(tmp_path: Path) -> None:
     assert expired.state == "idle" and expired.reads_per_s is None and expired.eta_s is None
     assert summarize(plan, states, None, now=now + 61, at_work=True).state == "running"  # the job itself, between claims
     assert "idle (no shard is leased: no job at work, or one still starting; to resume, rerun the same command)" in expired.line()
+    every = [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)]
+    merging = summarize(plan, every, None, now=now, merge_renewed=now + 30)
+    assert merging.state == "running" and merging.eta_s == 0.0
+    # every shard done, nobody merging (stopped before the merge): it said running, 100%, ETA 0
+    for renewed in (None, now - 1):
+        unmerged = summarize(plan, every, None, now=now, merge_renewed=renewed)
+        assert unmerged.state == "idle" and "every shard final, no merge at work; to merge, rerun" in unmerged.line()
     done = summarize(plan, [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)], "_SUCCESS", now=now)
     assert done.eta_s == 0.0 and done.finished == "_SUCCESS"
     later = summarize(plan, [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)], "_SUCCESS", now=now + 3600)
@@ -303,3 +310,19 @@ def test_a_stop_mid_group_records_the_reads_scored_so_the_next_holder_counts_the
     assert (state.owner, state.reads_done, state.processed) == (None, 0, 3)
     heir = claim(store, 0, "heir", 60, "cpu", ExpiryObserver())
     assert heir is not None and heir.state.redone_reads == 3 and heir.state.interruptions == 1
+
+
+def test_status_of_a_run_stopped_before_its_merge_is_idle_and_a_merge_at_work_is_running(tmp_path: Path) -> None:
+    """Every shard done and no outputs: it said running, 100%, ETA 0 s, with nobody merging."""
+    from job.status import run_status
+
+    run, store = make_run(tmp_path, 25, shard_reads=10)
+    assert work(run, store, FakePredictor(3)) == 0
+    assert run_status(store).state == "idle"
+    assert "to merge, rerun the same command" in run_status(store).line()
+    claim = MergeClaim(store, "another machine", 30.0)
+    assert claim.acquire()
+    assert run_status(store).state == "running"
+    claim.release()
+    assert run_status(store).state == "idle"
+    assert finish(run, store)[0] == "_SUCCESS" and run_status(store).state == "_SUCCESS"
