@@ -1,5 +1,5 @@
 """Loading the two encoders (issue 14): one after the other vs a thread each, and each from
-its source vs its converted-weights file (core.model_cache), best of `--rounds`.
+its source vs its converted-weights file (job.model_cache), best of `--rounds`.
 
     python3 benchmarks/encoder_load.py --work /tmp/encoder-load            # CPU, mid-size models
     python3 benchmarks/encoder_load.py --work /tmp/encoder-load --device cuda --full-size
@@ -21,7 +21,7 @@ import torch
 
 from core.dnabert import load_dnabert, write_demo_model
 from core.esm2 import load_esm2, write_demo_checkpoint
-from core.model_cache import WeightsCache
+from job.model_cache import WeightsCache
 from job.models import sha256_path
 
 

@@ -42,9 +42,8 @@ from torch import Tensor, nn
 from core import attention as attention_module
 from core.attention import Attention as AttentionBackend
 from core.attention import Segments
-from core.engine import Compiled, compile_state, compiles, describe, finished, run_batches
+from core.engine import Compiled, ConvertedWeights, compile_state, compiles, describe, finished, run_batches
 from core.errors import ModelLoadError
-from core.model_cache import WeightsCache
 from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepare_batches, segment_mean
 
 CONFIG_FILE = "config.json"
@@ -69,7 +68,7 @@ WRAPPER_PREFIX = "bert."
 
 CPU_BATCH_TOKENS = 2048  # on the GPU the budget comes from free memory (DNABERTEncoder)
 REFERENCE_ATTENTION = attention_module.make("per_sequence", alibi=True, device=torch.device("cpu"))
-CACHE_NAME = "dnabert"  # converted weights' file names begin with it (core.model_cache)
+CACHE_NAME = "dnabert"  # converted weights' file names begin with it (job.model_cache)
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +467,7 @@ class DNABERTEncoder:
 
 def load_dnabert(source: str, device: torch.device,
                  batch_tokens: int | None = None, *, attention: str | None = None,
-                 compile: bool | None = None, cache: WeightsCache | None = None) -> DNABERTEncoder:
+                 compile: bool | None = None, cache: ConvertedWeights | None = None) -> DNABERTEncoder:
     """Load DNABERT-S from a local Hugging Face model directory or a cached hub id.
 
     The directory holds `config.json`, `model.safetensors` or `pytorch_model.bin` (read
@@ -518,7 +517,7 @@ def _set_slopes(model: DNABERTModel, device: torch.device) -> None:
                                       device=device)
 
 
-def model_from_cache(cache: WeightsCache, device: torch.device,
+def model_from_cache(cache: ConvertedWeights, device: torch.device,
                      dtype: torch.dtype) -> tuple[DNABERTModel, DNATokenizer] | None:
     """The model (straight onto `device`) and tokenizer from the converted weights in `cache`;
     None when the cache has no usable file for this dtype (the reason is logged)."""

@@ -9,7 +9,8 @@ compiler failure and is raised like any other error.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -18,6 +19,20 @@ from core.errors import NonFiniteEmbedding
 from core.packing import PackedBatch, PreparedBatches
 
 log = logging.getLogger(__name__)
+
+
+class ConvertedWeights(Protocol):
+    """Where a loader keeps an encoder's weights as they run, converted once, and finds them
+    at the next start: the job's `job.model_cache.WeightsCache`, a local file keyed by the
+    source's sha256. core only reads and writes through it; where and how is the job's."""
+
+    source_sha256: str
+    in_background: bool  # write returns at once; the file is written by a thread
+
+    def read(self, model: str, dtype: torch.dtype,
+             device: torch.device) -> tuple[dict[str, Tensor], dict[str, str]] | None: ...
+
+    def write(self, model: str, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bool: ...
 
 
 def compiler_errors() -> tuple[type[BaseException], ...]:

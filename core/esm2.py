@@ -28,9 +28,8 @@ from torch import Tensor, nn
 
 from core import attention as attention_module
 from core.attention import Attention, Segments
-from core.engine import Compiled, compile_state, compiles, describe, finished, run_batches
+from core.engine import Compiled, ConvertedWeights, compile_state, compiles, describe, finished, run_batches
 from core.errors import ModelLoadError
-from core.model_cache import WeightsCache
 from core.packing import PackedBatch, PreparedBatches, auto_batch_tokens, prepare_batches, segment_mean
 
 DEFAULT_BATCH_TOKENS = 4096  # tokens per packed batch when the caller gives no budget
@@ -42,7 +41,7 @@ OPTIONAL_KEYS = ("contact_head.regression.weight", "contact_head.regression.bias
 ESM_MAX_BATCH_TOKENS = 65536  # GEMMs are at full speed well before this many rows
 ESM_BYTES_PER_TOKEN_PER_DIM = 56  # peak activation bytes per packed token, per unit of embed_dim
 REFERENCE_ATTENTION = attention_module.make("per_sequence", alibi=False, device=torch.device("cpu"))
-CACHE_NAME = "esm2"  # converted weights' file names begin with it (core.model_cache)
+CACHE_NAME = "esm2"  # converted weights' file names begin with it (job.model_cache)
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +358,7 @@ def load_esm2(
     *,
     attention: str | None = None,
     compile: bool | None = None,
-    cache: WeightsCache | None = None,
+    cache: ConvertedWeights | None = None,
 ) -> ESM2Encoder:
     """ESM-2 from a fair-esm checkpoint file (job/models.py fetches one given by name).
 
@@ -374,7 +373,7 @@ def load_esm2(
     return esm2_encoder(model, loaded_from, device, batch_tokens, attention=attention, compile=compile)
 
 
-def load_esm2_model(source: str, device: torch.device, cache: WeightsCache | None = None) -> tuple[ESM2, str]:
+def load_esm2_model(source: str, device: torch.device, cache: ConvertedWeights | None = None) -> tuple[ESM2, str]:
     """`load_esm2`'s first half: the model with its weights, and where they came from.
     Reading files and torch.nn only: no attention backend is chosen, and nothing of the
     compiler is imported beyond torch._dynamo (building a model on the meta device imports
@@ -410,7 +409,7 @@ def _architecture(model: ESM2) -> dict[str, object]:
             "token_dropout": model.token_dropout}
 
 
-def model_from_cache(cache: WeightsCache, device: torch.device, dtype: torch.dtype) -> ESM2 | None:
+def model_from_cache(cache: ConvertedWeights, device: torch.device, dtype: torch.dtype) -> ESM2 | None:
     """The model from the converted weights in `cache`, straight onto `device`; None when the
     cache has no usable file for this dtype (the reason is logged)."""
     loaded = cache.read(CACHE_NAME, dtype, device)

@@ -18,10 +18,10 @@ import torch
 
 from core.classifier import Classifier, check_chunk_length, load_classifier
 from core.dnabert import DNABERTEncoder, load_dnabert
+from core.engine import ConvertedWeights
 from core.errors import ModelLoadError, NonFiniteEmbedding
 from core.esm2 import ESM2, ESM2Encoder, esm2_encoder, load_esm2_model
 from core.memo import MEMO_SEQUENCES, EmbeddingMemo, Lookup
-from core.model_cache import WeightsCache
 from core.reads import Record
 from core.frames import Frame, chunk_record, open_frames
 from core.outputs import FrameScore, ReadSummary, virus_chunks
@@ -356,8 +356,8 @@ def load_predictor(
     compile: bool | None = None,
     group_reads: int = 512,
     reuse: bool = True,
-    esm_cache: WeightsCache | None = None,
-    dnabert_cache: WeightsCache | None = None,
+    esm_cache: ConvertedWeights | None = None,
+    dnabert_cache: ConvertedWeights | None = None,
     before_compiling: Callable[[], object] | None = None,
     warm_up: bool = False,
     stop: threading.Event | None = None,

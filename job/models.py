@@ -9,7 +9,7 @@ neither a local path nor an S3 URI (a hub id) is recorded as given; a local mode
 remembered in the model cache while its files keep their sizes and times, and so is the
 answer of the models' checks (`checked_models`). Workers on a GPU keep the encoders' weights
 as run, and the compiler's artifacts, beside the downloads (`weights_cache`,
-`compiler_cache_dir`; the formats are core.model_cache's), and read the weights ahead
+`compiler_cache_dir`; the formats are job.model_cache's), and read the weights ahead
 (`read_ahead`).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from job import s3
 from job.errors import BadInput, Interrupted
 
 if TYPE_CHECKING:
-    from core.model_cache import WeightsCache
+    from job.model_cache import WeightsCache
 
 _BLOCK = 8 * 2**20
 STALE_STAGING_SECONDS = 3600  # a staging directory unchanged this long belongs to a killed download
@@ -251,7 +251,7 @@ def weights_cache(model_cache: str, identity: Mapping[str, object] | None) -> We
     """Where the converted weights of the model with this plan identity (its `identity()`)
     are kept: `converted/` in the model cache, keyed by the source's sha256. None for a
     model known only by name: without a checksum a changed source could not be noticed."""
-    from core.model_cache import WeightsCache  # imports torch: only where models are loaded
+    from job.model_cache import WeightsCache  # imports torch: only where models are loaded
 
     digest = (identity or {}).get("sha256")
     # written in the background: the first start does not wait for 5.6 GB to reach the disk
@@ -295,7 +295,7 @@ def _package_version() -> str:
 
 
 def read_ahead(model_cache: str, identities: list[Mapping[str, object]]) -> threading.Thread:
-    """Read the converted weights of these models (`weights_cache`; core.model_cache names
+    """Read the converted weights of these models (`weights_cache`; job.model_cache names
     each file by its source's sha256) once, in a background thread, so that they are in the
     page cache when the worker loads them. A worker starts by importing torch and its
     compiler, seconds of CPU work that leave the disk idle; on a fresh machine ESM-2 3B's
@@ -322,10 +322,10 @@ def _read_through(files: list[Path]) -> None:
 
 
 def _converted_dir(model_cache: str) -> Path:
-    """Where the encoders' converted weights are kept (core.model_cache `WeightsCache`)."""
+    """Where the encoders' converted weights are kept (job.model_cache `WeightsCache`)."""
     return Path(model_cache).expanduser() / "converted"
 
 
 def compiler_cache_dir(model_cache: str) -> Path:
-    """Where the compiler's artifacts are kept (core.model_cache), beside the converted weights."""
+    """Where the compiler's artifacts are kept (job.model_cache), beside the converted weights."""
     return Path(model_cache).expanduser() / "compiled"

@@ -67,9 +67,9 @@ from job.store import Store, open_store
 if TYPE_CHECKING:  # torch is imported by main() once the signal handlers are in place
     import torch
 
-    from core.model_cache import WeightsCache
     from core.reads import Record
     from core.pipeline import Predictor, ReadResult
+    from job.model_cache import WeightsCache
 
 PROGRESS_SECONDS = 30.0
 PLAN_POLL_SECONDS = 0.5  # how often a worker with nothing to do looks for newly published shards
@@ -456,7 +456,7 @@ def _work(spec: WorkerSpec, stop: threading.Event, started: list[Worker]) -> int
     started.append(worker)
     code = worker.run()
     if code == exit_codes.OK and any(caches.values()):
-        from core.model_cache import finish_writes
+        from job.model_cache import finish_writes
 
         finish_writes()  # converted weights still being written: the next start wants them whole
     return code
@@ -501,7 +501,7 @@ def _load(spec: WorkerSpec, log: Any, stop: threading.Event
 
 @dataclass(frozen=True)
 class CompilerCache:
-    """The compiler's artifacts saved by an earlier worker (core.model_cache), handed to torch
+    """The compiler's artifacts saved by an earlier worker (job.model_cache), handed to torch
     before anything compiles: the attention backend's check compiles already while the
     encoders load, the warm-up after. Keyed by torch, Triton, the GPU, the models and the
     requested token budget, all known before the models load."""
@@ -514,7 +514,7 @@ class CompilerCache:
     def load(cls, spec: WorkerSpec, device: torch.device, log: Any) -> CompilerCache | None:
         """None when the engine runs eagerly: nothing to compile."""
         from core.engine import compiles
-        from core.model_cache import compiler_artifacts_path, compiler_key, load_compiler_artifacts
+        from job.model_cache import compiler_artifacts_path, compiler_key, load_compiler_artifacts
 
         config = spec.config
         if not compiles(config.compile, device):
@@ -529,7 +529,7 @@ class CompilerCache:
 
     def save(self) -> str:
         """What saving this process's artifacts did, after the load's: e.g. 'loaded, unchanged'."""
-        from core.model_cache import save_compiler_artifacts
+        from job.model_cache import save_compiler_artifacts
 
         return f"{self.status}, {save_compiler_artifacts(self.path, self.loaded)}"
 

@@ -206,7 +206,7 @@ def test_loading_the_weights_imports_no_more_of_the_compiler(demo_path, tmp_path
         "import sys, torch, torch._dynamo\n"
         "from pathlib import Path\n"
         "from core.esm2 import load_esm2_model\n"
-        "from core.model_cache import WeightsCache\n"
+        "from job.model_cache import WeightsCache\n"
         "compiler = lambda: {m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))}\n"
         "before = compiler()\n"
         f"cache = WeightsCache(Path({str(tmp_path / 'cache')!r}), 'a' * 64)\n"

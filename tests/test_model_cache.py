@@ -19,7 +19,7 @@ from core.dnabert import load_dnabert, write_demo_model
 from core.errors import ModelLoadError
 from job.errors import Interrupted
 from core.esm2 import load_esm2, write_demo_checkpoint
-from core.model_cache import (
+from job.model_cache import (
     WeightsCache,
     compiler_artifacts_path,
     compiler_key,
@@ -110,7 +110,7 @@ def test_a_damaged_converted_file_is_refused_and_written_again(models, tmp_path,
     expected = load_esm2(str(source), CPU, cache=cache).embed(PROTEINS)
     path = cache.path("esm2", torch.float32)
     damaged(path, how)
-    with caplog.at_level("WARNING", logger="core.model_cache"):
+    with caplog.at_level("WARNING", logger="job.model_cache"):
         reloaded = load_esm2(str(source), CPU, cache=cache)
     assert reloaded.loaded_from == "source (cached now)"  # refused, loaded from the source, rewritten
     assert any("ignoring the converted weights" in r.getMessage() for r in caplog.records)
@@ -131,7 +131,7 @@ def test_a_file_under_another_key_is_refused(models, tmp_path):
 WRITER = """
 import sys, torch
 from pathlib import Path
-from core.model_cache import write_weights
+from job.model_cache import write_weights
 state = {f"w{i}": torch.full((4096, 4096), float(i)) for i in range(24)}  # 1.6 GB: seconds to write
 write_weights(Path(sys.argv[1]), state, {"model": "big"})
 """
@@ -208,7 +208,7 @@ def test_compiler_artifacts_that_cannot_be_used_are_reported_not_raised(tmp_path
     path = compiler_artifacts_path(tmp_path, "k")
     assert load_compiler_artifacts(path) == ("missing", set())
     path.write_bytes(b"virnucpro-compiler-artifacts 1\n" + b'{"bytes": 10, "xxh3_128": "00"}\n' + b"12345")
-    with caplog.at_level("WARNING", logger="core.model_cache"):
+    with caplog.at_level("WARNING", logger="job.model_cache"):
         status, loaded = load_compiler_artifacts(path)
     assert status == "refused: ValueError" and loaded == set()
     path.write_bytes(b"something else")
@@ -218,7 +218,7 @@ def test_compiler_artifacts_that_cannot_be_used_are_reported_not_raised(tmp_path
 COMPILE_AND_SAVE = """
 import sys, torch
 from pathlib import Path
-from core.model_cache import load_compiler_artifacts, save_compiler_artifacts
+from job.model_cache import load_compiler_artifacts, save_compiler_artifacts
 path = Path(sys.argv[1])
 status, loaded = load_compiler_artifacts(path)
 def f(x): return torch.nn.functional.gelu(x) * 3 + 1
@@ -439,7 +439,7 @@ def test_the_predictor_loads_both_encoders_from_their_caches_at_once(demo_models
 
 
 def test_converted_weights_written_in_the_background(models, tmp_path):
-    from core.model_cache import finish_writes
+    from job.model_cache import finish_writes
 
     source = models["esm"]
     cache = WeightsCache(tmp_path / "converted", sha256_path(source), in_background=True)

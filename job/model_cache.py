@@ -1,5 +1,7 @@
 """What makes a worker start fast: the encoders' weights as they run, and torch's compiler
-artifacts, each kept in a local file (the job chooses the directory).
+artifacts, each kept in a local file (`job.models` picks the directory). The core loaders
+write and read converted weights through a `core.engine.ConvertedWeights`, which
+`WeightsCache` is; the files, their locks and their format are this module's alone.
 
 Converted weights: loading ESM-2 3B from its fair-esm checkpoint means unpickling 11 GB of
 float32 and converting it to float16 on the way to the GPU. Once done, the module's weights
