@@ -214,14 +214,17 @@ def _check_endpoint(args: argparse.Namespace, environ: Mapping[str, str]) -> Non
         if not value:
             continue
         try:
-            netloc = urllib.parse.urlsplit(value).netloc
-        except ValueError:
-            args.parser.error(f"{name} is not a URL (such as https://host:port); check it")
-        if "@" in netloc:
+            url = urllib.parse.urlsplit(value)
+            usable = url.scheme in ("http", "https") and bool(url.hostname)
+        except ValueError:  # such as an unclosed [ of an IPv6 address
+            usable = False
+        if "@" in value.split("//", 1)[-1].split("/", 1)[0]:  # user:password@ even without a scheme
             args.parser.error(
                 f"{name} must not hold credentials (user:password@ before the host); give them "
                 "as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or as an AWS profile"
             )
+        if not usable:
+            args.parser.error(f"{name} is not an http:// or https:// URL with a host (such as https://host:port); check it")
         return  # the one in use
 
 

@@ -479,7 +479,9 @@ def test_status_of_a_missing_bucket_is_one_line_and_credentials_in_the_endpoint_
     status = virnucpro("status", "--output", "s3://bucket/out")
     for variable, value, error in (("AWS_ENDPOINT_URL_S3", endpoint, "AWS_ENDPOINT_URL_S3 must not hold credentials"),
                                    ("AWS_ENDPOINT_URL", endpoint, "AWS_ENDPOINT_URL must not hold credentials"),
-                                   ("AWS_ENDPOINT_URL", "http://[SecretPass99", "AWS_ENDPOINT_URL is not a URL")):
+                                   ("AWS_ENDPOINT_URL", "http://[SecretPass99", "AWS_ENDPOINT_URL is not an http"),
+                                   ("AWS_ENDPOINT_URL_S3", "minio:SecretPass99@127.0.0.1:9", "must not hold credentials"),
+                                   ("AWS_ENDPOINT_URL", "localhost:9000", "AWS_ENDPOINT_URL is not an http")):
         env = {k: v for k, v in subprocess_env().items() if not k.startswith("AWS_ENDPOINT_URL")}
         out = subprocess.run(status, capture_output=True, text=True, env={**env, variable: value}, timeout=60)
         assert out.returncode == 2 and error in out.stderr, out.stderr
