@@ -476,6 +476,7 @@ class _Progress(threading.Thread):
         if last_look and self.bar:
             self.join()
             self._show(self._look())
+        self.watch.close()  # a look still running stops reading
         with self._drawing:
             self._ended = True
             if self.bar:
@@ -485,7 +486,8 @@ class _Progress(threading.Thread):
         try:
             return self.watch.look()
         except Exception as exc:  # noqa: BLE001 - progress is for display: the next look may work
-            self.log.warning("progress_unavailable", error=f"{type(exc).__name__}: {exc}")
+            if not self._finished.is_set():  # after finish(), close() cuts a look short
+                self.log.warning("progress_unavailable", error=f"{type(exc).__name__}: {exc}")
             return None
 
     def _show(self, status: RunStatus | None) -> None:

@@ -86,7 +86,13 @@ class RunStatus:
 def run_status(store: Store, plan: Plan | None = None) -> RunStatus | None:
     """The run's status, or None when there is no run under the store."""
     plan = plan or load_plan(store)
-    return None if plan is None else RunWatch(store, plan).look()
+    if plan is None:
+        return None
+    watch = RunWatch(store, plan)
+    try:
+        return watch.look()
+    finally:
+        watch.close()
 
 
 class RunWatch:
@@ -99,13 +105,19 @@ class RunWatch:
         """`at_work`: the job running the run is the one looking (see `summarize`)."""
         self.store, self.plan, self.at_work = store, plan, at_work
         self._final: dict[int, ShardState] = {}
+        self._pool = ThreadPoolExecutor(16, thread_name_prefix="status")
+
+    def close(self) -> None:
+        """Drop the shard reads not started yet: a look in flight then ends (CancelledError)
+        after the reads already running, and the process can exit at once, where it would
+        first have drained thousands of queued GETs (a stopped job, past its grace period)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def look(self) -> RunStatus:
         marker = read_marker(self.store)
         self.plan = load_plan(self.store, self.plan) or self.plan  # shards published since
         unsettled = [shard.index for shard in self.plan.shards if shard.index not in self._final]
-        with ThreadPoolExecutor(16) as pool:
-            read = dict(zip(unsettled, pool.map(lambda index: read_shard(self.store, index)[0], unsettled)))
+        read = dict(zip(unsettled, self._pool.map(lambda index: read_shard(self.store, index)[0], unsettled)))
         self._final.update((index, state) for index, state in read.items() if state.final)
         states = [self._final[shard.index] if shard.index in self._final else read[shard.index]
                   for shard in self.plan.shards]

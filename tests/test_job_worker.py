@@ -1,12 +1,14 @@
 """Worker and merge in one process with a fake predictor: claims, parts, failures, _FAILED."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import CancelledError
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
@@ -326,3 +328,32 @@ def test_status_of_a_run_stopped_before_its_merge_is_idle_and_a_merge_at_work_is
     claim.release()
     assert run_status(store).state == "idle"
     assert finish(run, store)[0] == "_SUCCESS" and run_status(store).state == "_SUCCESS"
+
+
+def test_closing_a_watch_drops_the_shard_reads_not_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped job's progress look queued every shard's GET: the process could not exit
+    before the pool drained them (at 10^8 reads on S3, past the grace period)."""
+    import job.status
+    from job.plan import load_plan
+
+    _run, store = make_run(tmp_path, 160, shard_reads=1)
+    read_shard, reads = job.status.read_shard, []
+
+    def slow(store, index):  # noqa: ANN001, ANN202
+        reads.append(index)
+        time.sleep(0.1)
+        return read_shard(store, index)
+
+    monkeypatch.setattr(job.status, "read_shard", slow)
+    watch = job.status.RunWatch(store, load_plan(store))
+    def look() -> None:
+        with contextlib.suppress(CancelledError):  # how a closed watch ends a look
+            watch.look()
+
+    looking = threading.Thread(target=look)
+    looking.start()
+    time.sleep(0.15)
+    closed = time.monotonic()
+    watch.close()
+    looking.join(10)
+    assert time.monotonic() - closed < 0.5 and len(reads) <= 48, len(reads)  # 160 queued: 1 s in rounds of 16
