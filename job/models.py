@@ -79,7 +79,8 @@ def localize_model(
 def fair_esm_checkpoint(name: str, stop: threading.Event) -> Path:
     """The checkpoint of the fair-esm model `name` in torch's hub cache, downloaded there once
     (as `esm.pretrained` does) when missing; a download gives up (Interrupted) once `stop`
-    is set, and fails within DOWNLOAD_TIMEOUT_S when offline, leaving no partial file."""
+    is set, fails within DOWNLOAD_TIMEOUT_S when offline, and fails when the connection
+    closes before the size the server announced; none of these leaves a partial file."""
     import torch.hub  # the parent imports torch for its model checks anyway
 
     destination = Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
@@ -90,10 +91,18 @@ def fair_esm_checkpoint(name: str, stop: threading.Event) -> Path:
     part = tempfile.NamedTemporaryFile(dir=destination.parent, prefix=f".{name}.", delete=False)
     try:
         with part, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            expected, received = response.headers.get("Content-Length"), 0
             while block := response.read(_BLOCK):
                 if stop.is_set():
                     raise Interrupted(f"stopped while downloading ESM-2 model {name!r}")
                 part.write(block)
+                received += len(block)
+        # a connection closed early ends the reads quietly: a short file would pass for the model
+        if expected is not None and received != int(expected):
+            raise ModelLoadError(
+                f"the download of ESM-2 model {name!r} from {url} ended after {received:,} of "
+                f"{int(expected):,} bytes; run again to download it again"
+            )
         os.replace(part.name, destination)
     except OSError as error:
         raise ModelLoadError(

@@ -355,9 +355,14 @@ def test_a_fair_esm_model_name_is_fetched_once_into_the_hub_cache(models, tmp_pa
     assert list((hub / "checkpoints").iterdir()) == []  # no partial download left
 
     class Site:  # serves the demo checkpoint in blocks, as the site would serve the real one
+        cut = False  # the connection closes after 1,000 bytes (the size announced all the same)
+
         def __init__(self, url, timeout):
             assert url == "https://dl.fbaipublicfiles.com/fair-esm/models/esm2_t2_1M_UR50D.pt" and timeout > 0
             self.body = models["esm"].read_bytes()
+            self.headers = {"Content-Length": str(len(self.body))}
+            if self.cut:
+                self.body = self.body[:1000]
 
         def __enter__(self):
             return self
@@ -375,6 +380,11 @@ def test_a_fair_esm_model_name_is_fetched_once_into_the_hub_cache(models, tmp_pa
     with pytest.raises(Interrupted):
         localize_model("esm2_t2_1M_UR50D", str(tmp_path / "cache"), None, stopped)
     assert list((hub / "checkpoints").iterdir()) == []
+    Site.cut = True
+    with pytest.raises(ModelLoadError, match="ended after 1,000 of .* bytes; run again"):
+        localize_model("esm2_t2_1M_UR50D", str(tmp_path / "cache"), None)
+    assert list((hub / "checkpoints").iterdir()) == []  # a short file never passes for the model
+    Site.cut = False
     fetched = localize_model("esm2_t2_1M_UR50D", str(tmp_path / "cache"), None)
     assert Path(fetched.path) == hub / "checkpoints" / "esm2_t2_1M_UR50D.pt"
     assert fetched.identity() == {"name": "esm2_t2_1M_UR50D"}  # the plan records the name, as before
