@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from job.lease import Claim
 from job.merge import MERGE_KEY, read_marker
-from job.plan import Plan, load_plan
+from job.plan import PLANNER_KEY, Plan, load_plan
 from job.shards import ShardState, read_shard
 from job.store import Store
 
@@ -48,14 +48,14 @@ class RunStatus:
 
     @property
     def state(self) -> str:
-        """The marker once finished; else stopped by bad input, planning, idle or running."""
+        """The marker once finished; else stopped by bad input, idle, planning or running."""
         if self.finished:
             return self.finished
         if self.error:
             return "stopped by bad input"
-        if not self.planned:
-            return f"planning {100 * self.scanned:.0f}%"
-        return "idle" if self.idle else "running"
+        if self.idle:
+            return "idle"
+        return "running" if self.planned else f"planning {100 * self.scanned:.0f}%"
 
     def bar(self, width: int = 100) -> str:
         """One progress-bar line (tqdm's): reads committed of all, percent, reads/s, ETA."""
@@ -72,8 +72,8 @@ class RunStatus:
         eta = "-" if self.eta_s is None else f"{self.eta_s:.0f} s"
         if self.error:
             return f"run {self.run_id}: stopped by bad input: {self.error}"
-        idle = ("idle (every shard final, no merge at work; to merge, rerun the same command)" if not self.pending
-                else "idle (no shard is leased: no job at work, or one still starting; to resume, rerun the same command)")
+        idle = ("idle (every shard final, no merge at work; to merge, rerun the same command)"
+                if self.planned and not self.pending else "idle (no shard is leased: no job at work, or one still starting; to resume, rerun the same command)")
         state = self.finished or (idle if self.idle else "running")
         planning = "" if self.planned else f"; planning: {100 * self.scanned:.0f}% of the input scanned, reads estimated"
         return (
@@ -121,20 +121,26 @@ class RunWatch:
         self._final.update((index, state) for index, state in read.items() if state.final)
         states = [self._final[shard.index] if shard.index in self._final else read[shard.index]
                   for shard in self.plan.shards]
-        merging = None if marker is not None or self.at_work else self.store.get(MERGE_KEY)
-        merger = None if merging is None else Claim.from_json(merging.data)
+        outside = marker is None and not self.at_work  # whether a held claim tells anything
         return summarize(self.plan, states, None if marker is None else marker[0], at_work=self.at_work,
-                         merge_renewed=None if merger is None or merger.owner is None
-                         else merger.renewed_at + merger.lease_seconds)
+                         merge_renewed=self._held_until(MERGE_KEY) if outside else None,
+                         planner_renewed=self._held_until(PLANNER_KEY) if outside and not self.plan.complete else None)
+
+    def _held_until(self, key: str) -> float | None:
+        """Until when the holder of the claim at `key` promised to renew it (its wall clock:
+        for display only); None when nobody holds it."""
+        stored = self.store.get(key)
+        holder = None if stored is None else Claim.from_json(stored.data)
+        return None if holder is None or holder.owner is None else holder.renewed_at + holder.lease_seconds
 
 
 def summarize(
     plan: Plan, states: list[ShardState], finished: str | None, now: float | None = None, at_work: bool = False,
-    merge_renewed: float | None = None,
+    merge_renewed: float | None = None, planner_renewed: float | None = None,
 ) -> RunStatus:
-    """The run's figures. `merge_renewed`: until when the merge claim's holder promised to
-    renew it (None: no holder), which tells a run being merged from one whose every shard is
-    done but which nobody merges (stopped before or during the merge)."""
+    """The run's figures. `merge_renewed` and `planner_renewed`: until when the holder of the
+    merge claim, and of the planner claim, promised to renew it (None: no holder), which
+    tell a run being merged or planned from one stopped before or during its merge or plan."""
     now = time.time() if now is None else now
     if finished is not None:  # the run's own span ends at its last commit, not when it is looked at
         now = min(now, max((part.committed_at for state in states for part in state.parts), default=now))
@@ -151,8 +157,9 @@ def summarize(
     # with every shard final, no merge claim held and no outputs. The job itself looks
     # `at_work`: between its start and its first claim nothing is leased either.
     merging = merge_renewed is not None and merge_renewed > now
-    idle = (not at_work and finished is None and plan.complete and not leased
-            and (remaining > 0 or not merging))
+    planning = planner_renewed is not None and planner_renewed > now
+    idle = not at_work and finished is None and not leased and not plan.error and (
+        (remaining > 0 or not merging) if plan.complete else not planning)
     if idle or plan.error:
         rate = None
     reads, scanned = plan.total_reads, 1.0
@@ -171,7 +178,7 @@ def summarize(
         reads=reads,
         reads_committed=committed,
         reads_per_s=None if rate is None else round(rate, 2),
-        eta_s=0.0 if not remaining else (None if rate is None else round(remaining / rate, 1)),
+        eta_s=None if idle else 0.0 if not remaining else (None if rate is None else round(remaining / rate, 1)),
         finished=finished,
         planned=plan.complete,
         scanned=round(scanned, 4),

@@ -246,6 +246,11 @@ def test_status_counts_shards_and_projects_the_eta(tmp_path: Path) -> None:
     assert expired.state == "idle" and expired.reads_per_s is None and expired.eta_s is None
     assert summarize(plan, states, None, now=now + 61, at_work=True).state == "running"  # the job itself, between claims
     assert "idle (no shard is leased: no job at work, or one still starting; to resume, rerun the same command)" in expired.line()
+    # stopped while planning (a plan of 10^8 reads takes minutes): nobody holds the planner claim
+    planning = replace(plan, complete=False)
+    stopped = summarize(planning, states, None, now=now + 61)
+    assert stopped.state == "idle" and stopped.eta_s is None and "to resume, rerun" in stopped.line()
+    assert summarize(planning, states, None, now=now + 61, planner_renewed=now + 90).state.startswith("planning")
     every = [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)]
     merging = summarize(plan, every, None, now=now, merge_renewed=now + 30)
     assert merging.state == "running" and merging.eta_s == 0.0
@@ -253,6 +258,7 @@ def test_status_counts_shards_and_projects_the_eta(tmp_path: Path) -> None:
     for renewed in (None, now - 1):
         unmerged = summarize(plan, every, None, now=now, merge_renewed=renewed)
         assert unmerged.state == "idle" and "every shard final, no merge at work; to merge, rerun" in unmerged.line()
+        assert unmerged.eta_s is None and "ETA -" in unmerged.line()
     done = summarize(plan, [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)], "_SUCCESS", now=now)
     assert done.eta_s == 0.0 and done.finished == "_SUCCESS"
     later = summarize(plan, [ShardState(i, parts=(part(10, now),), done=True) for i in range(3)], "_SUCCESS", now=now + 3600)

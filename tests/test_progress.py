@@ -105,6 +105,9 @@ def test_a_look_that_outlives_the_run_draws_nothing_after_the_bar_is_ended(capsy
         def bar(self, width: int) -> str:
             return "the bar"
 
+        def close(self) -> None:
+            pass
+
     progress = _Progress(SlowWatch(), bar=True, log=get_logger())
     progress.start()
     assert looking.wait(10)
