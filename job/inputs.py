@@ -224,7 +224,9 @@ def _reads_under(uri: str, names: list[str]) -> list[str]:
 def _local_objects(uri: str) -> list[InputObject]:
     path = Path(uri).expanduser().absolute()
     if path.is_dir():
-        names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir())
+        # folder by folder, as sorting the paths did before: 'S1/x.fq' before 'S1-rep/x.fq'
+        names = sorted((p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()),
+                       key=lambda name: name.split("/"))
         files = [path / name for name in _reads_under(uri, names)]
         for file in files:
             if not file.is_file():

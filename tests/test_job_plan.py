@@ -149,6 +149,11 @@ def test_a_directory_input_passes_over_hidden_files_and_virnucpro_outputs(
     assert [obj.uri for obj in remote] == [f"s3://{bucket}/data/{n}" for n in read]
     assert [obj.uri for obj in resolve_inputs((str(tmp_path / "data" / "._sample.fa"),), None)] == [
         str(tmp_path / "data" / "._sample.fa")]  # a file named on its own is read as named
+    for name in ("order/S1-rep/x.fq", "order/S1/x.fq"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"@r\nACGT\n+\nIIII\n")
+    ordered = [obj.uri for obj in resolve_inputs((str(tmp_path / "order"),), None)]
+    assert ordered == [str(tmp_path / "order" / n) for n in ("S1/x.fq", "S1-rep/x.fq")]  # as releases before sorted them
     only_output = str(tmp_path / "data" / "run1")  # an output given as the input: say why nothing is read
     with pytest.raises(BadInput, match=f"input {only_output} holds no read files but hidden ones \\(0\\) and those "
                                        f"inside VirNucPro outputs \\(2: {only_output}\\).*one by one"):
