@@ -26,8 +26,11 @@ class ConvertedWeights(Protocol):
     at the next start: the job's `job.model_cache.WeightsCache`, a local file keyed by the
     source's sha256. core only reads and writes through it; where and how is the job's."""
 
-    source_sha256: str
-    in_background: bool  # write returns at once; the file is written by a thread
+    @property
+    def source_sha256(self) -> str: ...
+
+    @property
+    def in_background(self) -> bool: ...  # write returns at once; the file is written by a thread
 
     def read(self, model: str, dtype: torch.dtype,
              device: torch.device) -> tuple[dict[str, Tensor], dict[str, str]] | None: ...

@@ -42,7 +42,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from core.errors import UserError
 from job import exit_codes
 from job.config import RunConfig
-from job.errors import BadInput, Interrupted, disk_error_code, disk_error_message
+from job.errors import BadInput, Interrupted, RunDamaged, disk_error_code, disk_error_message
 from job.inputs import InputObject, resolve_inputs
 from job.lease import ExpiryObserver, Renewer
 from job.lease import claim as take_claim
@@ -79,6 +79,10 @@ def run_batch(config: RunConfig, stop: threading.Event | None = None) -> int:
             log.error("bad_input", error=str(exc))
         print(f"virnucpro: error: {redact(str(exc))}", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    except RunDamaged as exc:
+        log.error("run_damaged", error=str(exc))
+        print(f"virnucpro: error: {redact(str(exc))}", file=sys.stderr)
+        return exit_codes.INTERNAL_ERROR
     except Interrupted as exc:
         if not for_people(config.log_format):  # a person reads the line printed next, once
             log.warning("interrupted", reason=str(exc), message="rerun the same command to resume")

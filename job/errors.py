@@ -14,6 +14,11 @@ class BadInput(UserError):
     """
 
 
+class RunDamaged(Exception):
+    """The run's records in the store do not add up (a bug, or objects deleted or edited by
+    hand): the merge stops before any output is visible (exit 1, one line, no traceback)."""
+
+
 class Interrupted(Exception):
     """Stopped by SIGTERM, SIGINT or a spot notice before finishing; rerun to resume (exit 75)."""
 

@@ -40,7 +40,7 @@ import numpy as np
 from isal import igzip
 
 from core.outputs import HIGHEST_HEADER, PREDICTION_HEADER, READS_HEADER, ReadSummary, reads_line, viral_fasta
-from job.errors import Interrupted
+from job.errors import Interrupted, RunDamaged
 from job.features import FeatureWriter
 from job.lease import Claim, ExpiryObserver, Lease, Renewer
 from job.lease import claim as take_claim
@@ -67,7 +67,7 @@ SHARD_FAILED = "shard_failed"  # reads.tsv reason of the reads a failed shard ne
 FETCH_THREADS = 8  # parts downloaded in parallel
 PREFETCH_PARTS = 32  # parts fetched ahead of the one being written (bounds memory)
 UPLOAD_THREADS = 4  # outputs uploaded at once, while the merge writes the next ones
-RUN_ROWS = 1_000_000  # highest-score rows sorted in memory per run on disk (about 100 MB)
+RUN_ROWS = 1_000_000  # highest-score rows sorted in memory per run on disk (about 120 MB, twice that while sorting)
 MAX_OPEN_RUNS = 256  # runs merged at once: up to 2.56 x 10^8 rows in one pass
 RUN_BUFFER = 2**18  # read buffer of each run being merged (64 MiB for MAX_OPEN_RUNS)
 WRITE_ROWS = 8192  # merged rows handed on at once
@@ -285,9 +285,10 @@ def _assemble(
                     stats.add_row(line)
                     outcomes[SHARD_FAILED] += 1
     if (listed := sum(outcomes.values())) != plan.total_reads:  # before any output is visible
-        raise RuntimeError(
+        raise RunDamaged(
             f"the merge listed {listed} reads but the plan holds {plan.total_reads}: no output is "
-            "written, so that no read goes missing silently; this is a bug, please report it"
+            "written, so that no read goes missing silently (a bug, or objects of the run's _run/ "
+            "deleted or edited); please report it"
         )
     uploads.submit(PREDICTIONS, predictions)
     uploads.submit(READS, reads)
@@ -462,7 +463,7 @@ class _BlockedFeatures:
 def _get(store: Store, key: str) -> bytes:
     stored = store.get(key)
     if stored is None:
-        raise RuntimeError(f"committed part {store.uri}/{key} is missing")
+        raise RunDamaged(f"committed part {store.uri}/{key} is missing (deleted by hand?); no output is written")
     return stored.data
 
 

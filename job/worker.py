@@ -404,7 +404,7 @@ def main() -> int:
     stop = threading.Event()
     stop_on_signals(stop)  # first: a stop during start-up exits 75 too
     line = sys.stdin.readline()  # the parent writes it right after starting us
-    if not line:  # the parent died first
+    if not line.endswith("\n"):  # the parent died first, or while writing it
         return exit_codes.INTERRUPTED
     spec = WorkerSpec.from_json(line)
     config = spec.config

@@ -619,3 +619,11 @@ def test_no_test_process_can_connect_beyond_loopback() -> None:
         with pytest.raises(ConnectionRefusedError, match="test guard"):
             guard(sock, ("169.254.169.254", 80))
         guard(sock, ("127.0.0.1", 80))  # loopback passes
+
+
+def test_a_worker_whose_parent_died_while_writing_its_spec_exits_75_without_a_traceback() -> None:
+    from job.worker import command
+
+    worker = subprocess.run(command(), input='{"config": {"inputs": ["a.fa"', capture_output=True, text=True,
+                            env=subprocess_env(), timeout=120)
+    assert worker.returncode == 75 and "Traceback" not in worker.stderr, worker.stderr

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import structlog
 
+from job import exit_codes
 from job.config import RunConfig
+from job.errors import RunDamaged
 from job.inputs import resolve_inputs
 from job.merge import FAILED, SUCCESS, MergeClaim, MergeInputs, merge
 from job.plan import load_plan, plan_run
@@ -94,7 +96,7 @@ def test_a_merge_that_would_lose_reads_writes_nothing(tmp_path: Path, monkeypatc
         return dataclasses.replace(rows, reads=rest, outcomes=outcomes)
 
     monkeypatch.setattr(job.merge, "decode_rows", one_read_short)
-    with pytest.raises(RuntimeError, match="the merge listed 23 reads but the plan holds 24"):
+    with pytest.raises(RunDamaged, match="the merge listed 23 reads but the plan holds 24"):
         finish(run, store)
     assert dropped and sorted(p.name for p in Path(run.output).iterdir()) == ["_run"]
 
@@ -265,3 +267,19 @@ def test_threshold_run_end_to_end_published_files_identical_and_resume_with_anot
     assert "per GPU-hour" in (tmp_path / "strict" / "report.html").read_text()
     again = run_cli(run_args(demo_models, [str(tmp_path / "in.fa")], str(tmp_path / "strict"), "--min-virus-score", "0.9"))
     assert again.returncode == 65 and f"--min-virus-score differs from the run at {tmp_path / 'strict'}" in again.stderr
+
+
+def test_a_damaged_run_stops_in_one_line_with_exit_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The merge's count check (and a committed part gone) raised RuntimeError: a traceback."""
+    import job.batch
+
+    def damaged(self: object) -> int:
+        raise RunDamaged("the merge listed 23 reads but the plan holds 24: no output is written")
+
+    monkeypatch.setattr(job.batch._BatchRun, "run", damaged)
+    config = RunConfig(inputs=("in.fa",), output=str(tmp_path / "out"), esm_model="-", dnabert_model="-",
+                       classifier="-", imds_url="http://127.0.0.1:9", log_format="json")
+    assert job.batch.run_batch(config) == exit_codes.INTERNAL_ERROR
+    err = capsys.readouterr().err
+    assert "virnucpro: error: the merge listed 23 reads" in err and "Traceback" not in err
