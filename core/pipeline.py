@@ -93,9 +93,9 @@ class Predictor:
     scores all the group's frames in one batch, as without reuse (on a GPU its kernels round
     a row by the batch's shape), and equal frames of a group take the first one's scores:
     equal scores by construction. Equal frames of different groups have bit-equal features;
-    on a GPU their scores can differ in the last digits, as before. Which sequences are embedded in which
-    packed batch depends only on the shard's reads, never on timing: a run is as
-    deterministic as before.
+    on a GPU their scores can differ in the last digits, as before. Which sequences are
+    embedded in which packed batch depends only on the shard's reads, never on timing: a
+    run is as deterministic as before.
 
     What a resume changes (the worker resumes a shard at a committed group boundary and
     passes the reads before it as `earlier`): the memo learns their sequences but not their
@@ -104,11 +104,11 @@ class Predictor:
     after it is embedded anew, apart. On the CPU (fp32) an embedding, and a frame's scores, do
     not depend on the rest of the batch (`core.packing.prepare_batches` and
     `Classifier.score` run one sequence, one row, at a time there; `tests/test_reuse.py`
-    checks it), so a resumed shard is byte-identical. On a GPU the last bits of a kernel's result may depend on the batch's
-    composition: there the frames having such a sequence may differ in the last digits
-    from an uninterrupted run; every other frame is byte-identical. Scoping the memo to
-    commits instead would tie results to the checkpoint timer, and a memo per group finds
-    few of the repeats real data has. `reuse=False` embeds every frame's sequences (for
+    checks it), so a resumed shard is byte-identical. On a GPU the last bits of a kernel's
+    result may depend on the batch's composition: there the frames having such a sequence
+    may differ in the last digits from an uninterrupted run; every other frame is
+    byte-identical. Scoping the memo to commits instead would tie results to the checkpoint
+    timer, and a memo per group finds few of the repeats real data has. `reuse=False` embeds every frame's sequences (for
     benchmarks; the results of before, bit for bit).
     """
 

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-length", type=int, choices=KNOWN_CHUNK_LENGTHS, help="default: the classifier's")
     run.add_argument("--force-chunk-length", action="store_true", help="allow a chunk length the classifier was not trained for")
     run.add_argument("--device", default=RunConfig.device, choices=("auto", "cpu", "cuda"))
-    run.add_argument("--batch-tokens", type=int, help="tokens per packed batch (default: from free memory)")
+    run.add_argument("--batch-tokens", type=int, help="tokens per packed batch on a GPU (default: from free memory; the CPU embeds one sequence per batch)")
     compiling = run.add_mutually_exclusive_group()
     compiling.add_argument("--no-compile", dest="compile", action="store_const", const=False, default=RunConfig.compile, help="run the GPU engine without torch.compile (slower; to rule the compiler out)")
     compiling.add_argument("--compile", dest="compile", action="store_const", const=True, help="torch.compile the engine on the CPU too (by default only a GPU's is compiled; slow to start, for trying the compiled path and its caches without a GPU)")
